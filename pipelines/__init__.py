@@ -1,0 +1,1 @@
+"""Ray jobs, configuration, storage and the CLI."""

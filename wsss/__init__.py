@@ -1,0 +1,1 @@
+"""The method: weakly supervised semantic segmentation from image-level labels. Never imports Ray."""
