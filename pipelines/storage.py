@@ -1,0 +1,107 @@
+"""One way to reach bytes by URI: local paths and `s3://bucket/key` through pyarrow's filesystems.
+
+Every pipeline stage reads and writes through these functions, so a run moves from this machine to
+a cluster by changing URIs in the config, not code. S3 settings (endpoint, region, retries) come from
+`StorageConfig`; credentials come from the standard AWS chain (environment, ~/.aws, instance role),
+never from the config file.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StorageConfig(BaseModel):
+    """How to reach object storage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:9000 for a local server; "
+        "None means AWS (or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment).",
+    )
+    s3_region: str | None = Field(None, description="Region; None lets the AWS chain decide.")
+    s3_max_attempts: int = Field(
+        5, ge=1, le=50, description="Attempts per S3 request; throttling and 5xx are retried."
+    )
+    s3_anonymous: bool = Field(False, description="Unsigned requests (public buckets).")
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI."""
+    if is_s3(base):
+        return "s3://" + posixpath.join(base[len("s3://") :], *parts)
+    return posixpath.join(base, *parts)
+
+
+def parent(uri: str) -> str:
+    """The folder containing `uri` (local path or s3:// URI)."""
+    if is_s3(uri):
+        return "s3://" + posixpath.dirname(uri[len("s3://") :].rstrip("/"))
+    return posixpath.dirname(uri.rstrip("/")) or "."
+
+
+def endpoint_url(config: StorageConfig) -> str | None:
+    """The S3 endpoint in force: the config's, else the standard AWS environment variables."""
+    return (
+        config.s3_endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_filesystem(config: StorageConfig, endpoint: str | None) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": config.s3_region,
+        "anonymous": config.s3_anonymous,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=config.s3_max_attempts),
+    }
+    if endpoint:
+        url = urlparse(endpoint)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ValueError(
+                f"storage.s3_endpoint_url must look like http(s)://host[:port], got {endpoint!r}"
+            )
+        kwargs.update(endpoint_override=url.netloc, scheme=url.scheme)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def filesystem(uri: str, config: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for `uri` and the path to use with it."""
+    if is_s3(uri):
+        return _s3_filesystem(config, endpoint_url(config)), uri[len("s3://") :]
+    return pafs.LocalFileSystem(), posixpath.abspath(uri)
+
+
+def read_bytes(uri: str, config: StorageConfig) -> bytes:
+    fs, path = filesystem(uri, config)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(uri: str, config: StorageConfig) -> str:
+    return read_bytes(uri, config).decode("utf-8")
+
+
+def write_bytes(uri: str, data: bytes, config: StorageConfig) -> None:
+    fs, path = filesystem(uri, config)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def exists(uri: str, config: StorageConfig) -> bool:
+    fs, path = filesystem(uri, config)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -1,0 +1,40 @@
+"""Shared fixtures: a local S3 server (moto on 127.0.0.1) and test-wide torch settings."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# The CI machine has 2 cores; several torch threads per test only thrash.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """URL of an S3-compatible server on loopback, with fake credentials in the environment."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint: str) -> str:
+    """A fresh, empty bucket on the local S3 server; returns its name."""
+    import uuid
+
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(
+        Bucket=name
+    )
+    return name

@@ -1,0 +1,47 @@
+import boto3
+import pytest
+
+from pipelines import storage
+from pipelines.storage import StorageConfig
+
+
+def test_local_round_trip(tmp_path):
+    cfg = StorageConfig()
+    uri = str(tmp_path / "a" / "b" / "x.bin")
+    assert not storage.exists(uri, cfg)
+    storage.write_bytes(uri, b"hello", cfg)
+    assert storage.exists(uri, cfg)
+    assert storage.read_bytes(uri, cfg) == b"hello"
+
+
+def test_s3_round_trip_through_local_server(s3_endpoint, s3_bucket):
+    cfg = StorageConfig(s3_endpoint_url=s3_endpoint, s3_region="us-east-1")
+    uri = f"s3://{s3_bucket}/models/w.bin"
+    storage.write_bytes(uri, b"\x00\x01weights", cfg)
+    assert storage.exists(uri, cfg)
+    assert storage.read_bytes(uri, cfg) == b"\x00\x01weights"
+    # What we wrote is a real object for any other S3 client.
+    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(
+        Bucket=s3_bucket, Key="models/w.bin"
+    )["Body"].read()
+    assert body == b"\x00\x01weights"
+    assert not storage.exists(f"s3://{s3_bucket}/models/missing.bin", cfg)
+
+
+def test_missing_s3_object_is_a_clear_error(s3_endpoint, s3_bucket):
+    cfg = StorageConfig(s3_endpoint_url=s3_endpoint, s3_region="us-east-1")
+    with pytest.raises(OSError, match="missing.bin"):
+        storage.read_bytes(f"s3://{s3_bucket}/missing.bin", cfg)
+
+
+def test_uri_helpers():
+    assert storage.join("s3://b/p", "labels", "x.parquet") == "s3://b/p/labels/x.parquet"
+    assert storage.join("/data/run", "a") == "/data/run/a"
+    assert storage.parent("s3://b/p/manifest.jsonl") == "s3://b/p"
+    assert storage.parent("data/manifest.jsonl") == "data"
+    assert storage.parent("manifest.jsonl") == "."
+
+
+def test_bad_endpoint_is_rejected():
+    with pytest.raises(ValueError, match="s3_endpoint_url"):
+        storage.filesystem("s3://b/k", StorageConfig(s3_endpoint_url="localhost:9000"))
