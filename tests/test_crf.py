@@ -166,3 +166,12 @@ def test_params_defaults_are_psa_and_unknown_fields_are_rejected():
     assert params.iterations == 10
     with pytest.raises(pydantic.ValidationError, match="bilateral_rgb"):
         CrfParams(bilateral_rgb=13)
+
+
+def test_read_only_image_is_accepted():
+    image = np.zeros((8, 10, 3), np.uint8)
+    image[:, 5:] = 200
+    image.setflags(write=False)  # as np.asarray(PIL image) gives
+    probs = np.full((2, 8, 10), 0.5, np.float32)
+    out = dense_crf(image, probs, CrfParams(iterations=2))
+    assert out.shape == (2, 8, 10)

@@ -61,7 +61,8 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
     if n_labels == 1:
         return np.ones((1, height, width), dtype=np.float32)
 
-    # The C++ side takes float32 (C, N) unaries and a C-contiguous uint8 image buffer.
+    # The C++ side takes float32 (C, N) unaries and a C-contiguous, writable uint8 image buffer
+    # (Cython rejects read-only views such as np.asarray of a PIL image).
     unary = np.maximum(probs.reshape(n_labels, -1), params.probability_floor, dtype=np.float32)
     np.log(unary, out=unary)
     np.negative(unary, out=unary)
@@ -75,7 +76,7 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
+        rgbim=np.require(image, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"]),
         compat=params.bilateral_compat,
     )
     marginals = np.asarray(crf.inference(params.iterations), dtype=np.float32)
