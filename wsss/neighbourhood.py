@@ -54,8 +54,10 @@ def pair_valid(height: int, width: int, radius: int) -> torch.Tensor:
     offs = offsets(radius)
     valid = np.zeros((len(offs), height, width), dtype=bool)
     for k, (dy, dx) in enumerate(offs):
-        y1 = height - dy
-        x0, x1 = max(0, -dx), min(width, width - dx)
+        # Clamped at 0: an offset longer than the grid has no valid pixel (a negative slice
+        # end would wrap around instead).
+        y1 = max(0, height - dy)
+        x0, x1 = max(0, -dx), max(0, min(width, width - dx))
         valid[k, :y1, x0:x1] = True
     return torch.from_numpy(valid)
 
@@ -64,6 +66,8 @@ def shifted(maps: torch.Tensor, dy: int, dx: int, fill: float = 0.0) -> torch.Te
     """maps[..., y + dy, x + dx] at [..., y, x], `fill` where that falls outside the grid."""
     h, w = maps.shape[-2:]
     out = torch.full_like(maps, fill)
+    if abs(dy) >= h or abs(dx) >= w:
+        return out
     ys, yd = slice(max(0, dy), min(h, h + dy)), slice(max(0, -dy), min(h, h - dy))
     xs, xd = slice(max(0, dx), min(w, w + dx)), slice(max(0, -dx), min(w, w - dx))
     out[..., yd, xd] = maps[..., ys, xs]
