@@ -1,9 +1,9 @@
 """One way to reach bytes by URI: local paths and `s3://bucket/key` through pyarrow's filesystems.
 
-Every pipeline stage reads and writes through these functions, so a run moves from this machine to
-a cluster by changing URIs in the config, not code. S3 settings (endpoint, region, retries) come from
-`StorageConfig`; credentials come from the standard AWS chain (environment, ~/.aws, instance role),
-never from the config file.
+Every pipeline stage reads and writes through these functions, so a run moves from this machine
+to a cluster by changing URIs in the config, not code. S3 settings (endpoint, region, retries) come
+from `StorageConfig`; credentials come from the standard AWS chain (environment, ~/.aws, instance
+role), never from the config file.
 """
 
 from __future__ import annotations

@@ -1,0 +1,176 @@
+"""The one configuration model of a run.
+
+A run is described by `RunConfig`: YAML on disk, overridable from the command line with
+`--set section.field=value`. Each method stage's section is the `...Params` model defined next to
+its mathematics in `wsss/`, so defaults and bounds live in one place; the sections below add only
+what the plumbing needs (paths, storage, Ray resources). The defaults are the embedded demo: the
+bundled synthetic dataset on this machine.
+
+Validation happens once, before any work starts; an invalid value raises `ConfigError` naming the
+field (`classifier.optim.epochs: Input should be greater than 0`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.storage import StorageConfig
+from wsss.affinity import AffinityLabelParams, AffinityNetParams
+from wsss.cam import CamParams
+from wsss.classifier import ClassifierParams
+from wsss.crf import CrfParams
+from wsss.pseudo_label import PseudoLabelParams
+from wsss.random_walk import RandomWalkParams
+from wsss.synthetic import SyntheticParams
+from wsss.training import OptimParams
+from wsss.transforms import AugmentParams
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the offending field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(Section):
+    manifest: str = Field(
+        "data/synthetic/manifest.jsonl",
+        description="Manifest (.jsonl or .parquet, classes.txt beside it) as a local path or "
+        "s3:// URI; or the root of a PASCAL VOC layout when `voc_split` is set.",
+    )
+    voc_split: str | None = Field(
+        None, description="Read `manifest` as a VOC root and use this ImageSets/Segmentation split."
+    )
+    max_pixels: int = Field(
+        40_000_000, gt=0, description="Images with more pixels than this become error rows."
+    )
+
+
+class SyntheticConfig(Section):
+    out: str = Field("data/synthetic", description="Folder `wsss synth` writes the dataset to.")
+    n: int = Field(300, gt=0, description="Number of images.")
+    seed: int = Field(0, ge=0, description="Generator seed; sample i depends only on (seed, i).")
+    params: SyntheticParams = SyntheticParams()
+
+
+class ClassifierConfig(Section):
+    model: ClassifierParams = ClassifierParams()
+    augment: AugmentParams = AugmentParams()
+    optim: OptimParams = OptimParams()
+
+
+class AffinityConfig(Section):
+    labels: AffinityLabelParams = AffinityLabelParams()
+    model: AffinityNetParams = AffinityNetParams()
+    augment: AugmentParams = AugmentParams()
+    optim: OptimParams = OptimParams()
+
+
+class RayConfig(Section):
+    address: str | None = Field(
+        None, description="Ray cluster address; None starts (or joins) a local instance."
+    )
+    train_workers: int = Field(1, ge=1, description="Ray Train workers per training job.")
+    use_gpu: bool = Field(False, description="Train and run model stages on GPUs.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+
+
+class RunConfig(Section):
+    name: str = Field("demo", min_length=1, description="Run name: outputs go to output/name.")
+    seed: int = Field(0, ge=0, description="Seed for training and sampling.")
+    output: str = Field("runs", description="Root folder or s3:// URI for a run's outputs.")
+    device: str | None = Field(
+        None, description="Torch device for in-process stages; None picks cuda when available."
+    )
+    dataset: DatasetConfig = DatasetConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    cam: CamParams = CamParams()
+    affinity: AffinityConfig = AffinityConfig()
+    random_walk: RandomWalkParams = RandomWalkParams()
+    crf: CrfParams = CrfParams()
+    pseudo_label: PseudoLabelParams = PseudoLabelParams()
+    storage: StorageConfig = StorageConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _one_radius(self) -> RunConfig:
+        # Labels and network must agree on which pairs exist; one value, checked once.
+        if self.affinity.labels.radius != self.affinity.model.radius:
+            raise ValueError(
+                "affinity.labels.radius and affinity.model.radius must be equal "
+                f"({self.affinity.labels.radius} != {self.affinity.model.radius})"
+            )
+        return self
+
+    @property
+    def run_uri(self) -> str:
+        from pipelines.storage import join
+
+        return join(self.output, self.name)
+
+    def hash(self) -> str:
+        """Content hash of the resolved configuration (stable across key order)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(root)"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and "input" in e else ""
+        if len(got) > 120:
+            got = ""
+        lines.append(f"{field}: {e['msg']}{got}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` to nested dict `data`; the value is parsed as YAML (`3`, `[1, 2]`)."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {assignment!r} must look like section.field=value")
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {part!r} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {assignment!r}: value is not valid YAML: {exc}") from exc
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read YAML (or nothing: the defaults), apply overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None

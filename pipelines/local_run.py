@@ -1,0 +1,196 @@
+"""Every stage of the method in this process, without Ray: `wsss run-local`.
+
+The reference the distributed jobs are checked against, and the quickest way to see what a
+configuration does on a small dataset. It reads the manifest and images (local or s3://), trains
+the classifier, computes CAMs and affinity labels, trains AffinityNet, labels every image with
+`wsss.labeling` and reports mIoU after CAM, random walk and CRF against the ground-truth masks.
+The resolved config and a JSON summary go to `<output>/<name>/local/`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines import storage
+from pipelines.config import RunConfig
+from pipelines.manifest import load_manifest
+from wsss import labeling
+from wsss.affinity import affinity_label_map, train_affinity_net
+from wsss.cam import compute_cams
+from wsss.classifier import image_scores, train_classifier
+from wsss.dataset import Manifest
+from wsss.imageio import decode_image, decode_mask
+from wsss.metrics import ConfusionMatrix, mean_average_precision
+from wsss.training import default_device
+
+# CAM-stage background thresholds swept for the CAM mIoU (IRN reports the best of such a sweep).
+BG_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.55, 0.05))
+
+
+@dataclass
+class Example:
+    image_id: str
+    image: np.ndarray
+    labels: list[int]
+    mask: np.ndarray | None
+
+
+def load_examples(cfg: RunConfig, manifest: Manifest) -> list[Example]:
+    """Decode every image (and ground-truth mask) of the manifest into memory."""
+    examples = []
+    for row in manifest.rows:
+        image = decode_image(storage.read_bytes(row.image, cfg.storage), cfg.dataset.max_pixels)
+        mask = decode_mask(storage.read_bytes(row.mask, cfg.storage)) if row.mask else None
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise ValueError(
+                f"{row.image_id}: mask {mask.shape} does not match image {image.shape[:2]}"
+            )
+        examples.append(Example(row.image_id, image, manifest.label_indices(row), mask))
+    return examples
+
+
+def _log_epoch(what: str, log: Callable[[str], None]) -> Callable[[int, dict], None]:
+    def on_epoch_end(epoch: int, metrics: dict) -> None:
+        log(
+            f"  {what} epoch {epoch + 1}: loss {metrics['loss']:.4f} "
+            f"({metrics['samples_per_s']:.1f} samples/s)"
+        )
+
+    return on_epoch_end
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
+    """Run every stage; returns the summary (also written under the run folder)."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device) if cfg.device else default_device()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[stage] = round(now - since, 2)
+        return now
+
+    manifest = load_manifest(cfg)
+    examples = load_examples(cfg, manifest)
+    n_classes = manifest.num_foreground
+    log(f"{len(examples)} images, {n_classes} foreground classes, device {device}")
+    t = lap("load", started)
+
+    classifier = train_classifier(
+        [(e.image, e.labels) for e in examples],
+        n_classes,
+        cfg.classifier.model,
+        cfg.classifier.augment,
+        cfg.classifier.optim,
+        cfg.seed,
+        device,
+        on_epoch_end=_log_epoch("classifier", log),
+    )
+    targets = np.stack([manifest.label_targets(row) for row in manifest.rows])
+    train_map = mean_average_precision(
+        image_scores(classifier, [e.image for e in examples]), targets
+    )
+    t = lap("train_classifier", t)
+
+    n_all = n_classes + 1
+    sweep = {thr: ConfusionMatrix(n_all) for thr in BG_THRESHOLDS}
+    cams, affinity_samples = [], []
+    for e in examples:
+        cams_fg = compute_cams(classifier, e.image, e.labels, cfg.cam)
+        cams.append(cams_fg)
+        if e.mask is not None:
+            for thr, matrix in sweep.items():
+                matrix.update(labeling.cam_mask(cams_fg, thr), e.mask)
+        label_map = affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image)
+        affinity_samples.append((e.image, label_map))
+    t = lap("cam", t)
+
+    affinity_net = train_affinity_net(
+        affinity_samples,
+        cfg.affinity.model,
+        cfg.affinity.augment,
+        cfg.affinity.optim,
+        cfg.seed,
+        device,
+        backbone_state=classifier.backbone.state_dict(),
+        on_epoch_end=_log_epoch("affinity", log),
+    )
+    t = lap("train_affinity", t)
+
+    stages = {name: ConfusionMatrix(n_all) for name in ("cam", "random_walk", "crf")}
+    walked_all = []
+    for e, cams_fg in zip(examples, cams, strict=True):
+        walked_all.append(
+            labeling.walk(
+                e.image, e.labels, classifier, affinity_net, cfg.cam, cfg.random_walk, cams_fg
+            )
+        )
+    t = lap("random_walk", t)
+    for e, walked in zip(examples, walked_all, strict=True):
+        out = labeling.finish(e.image, walked, cfg.crf, cfg.pseudo_label)
+        if e.mask is not None:
+            stages["cam"].update(out.cam_mask, e.mask)
+            stages["random_walk"].update(out.rw_mask, e.mask)
+            stages["crf"].update(out.mask, e.mask)
+    lap("crf", t)
+
+    best_threshold = max(sweep, key=lambda thr: np.nan_to_num(sweep[thr].miou(), nan=-1.0))
+    summary = {
+        "images": len(examples),
+        "evaluated": sum(e.mask is not None for e in examples),
+        "classes": manifest.classes,
+        "classifier_train_map": round(float(train_map), 4),
+        "miou": {name: _round(m.miou()) for name, m in stages.items()},
+        "iou": {name: [_round(v) for v in m.iou()] for name, m in stages.items()},
+        "cam_threshold_sweep": {str(thr): _round(m.miou()) for thr, m in sweep.items()},
+        "cam_best_threshold": best_threshold,
+        "cam_best_miou": _round(sweep[best_threshold].miou()),
+        "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
+        "config_hash": cfg.hash(),
+    }
+    out_dir = storage.join(cfg.run_uri, "local")
+    storage.write_bytes(storage.join(out_dir, "config.yaml"), cfg.to_yaml().encode(), cfg.storage)
+    storage.write_bytes(
+        storage.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode(), cfg.storage
+    )
+    summary["output"] = out_dir
+    return summary
+
+
+def _round(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 4)
+
+
+def format_table(summary: dict) -> str:
+    """The per-stage mIoU table (and per-class IoU) as printed by `wsss run-local`."""
+    names = summary["classes"]
+    header = f"| stage | mIoU | {' | '.join(names)} |"
+    lines = [header, "|" + "---|" * (len(names) + 2)]
+    for stage, miou in summary["miou"].items():
+        ious = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in summary["iou"][stage])
+        shown = "-" if miou is None else f"{100 * miou:.1f}"
+        lines.append(f"| {stage} | {shown} | {ious} |")
+    return "\n".join(lines)
+
+
+def main(cfg: RunConfig) -> dict:
+    summary = run(cfg)
+    print()
+    print(format_table(summary))
+    print()
+    best = summary["cam_best_miou"]
+    print(
+        f"CAM mIoU with the best background threshold "
+        f"({summary['cam_best_threshold']}): {'-' if best is None else f'{100 * best:.1f}'}"
+    )
+    print(f"classifier mAP on the training images: {100 * summary['classifier_train_map']:.1f}")
+    print(f"time per stage (s): {summary['seconds']}")
+    print(f"summary and resolved config written to {summary['output']}")
+    return summary

@@ -1,0 +1,27 @@
+import subprocess
+import sys
+
+from pipelines.cli import main
+
+
+def test_help_lists_subcommands():
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("synth", "run-local", "config"):
+        assert command in out
+
+
+def test_config_prints_resolved_yaml(capsys):
+    assert main(["config", "--set", "name=nightly", "--set", "crf.iterations=3"]) == 0
+    out = capsys.readouterr().out
+    assert "name: nightly" in out
+    assert "iterations: 3" in out
+
+
+def test_invalid_config_fails_before_work_and_names_field(capsys, tmp_path):
+    out_dir = tmp_path / "synth"
+    code = main(["synth", "--out", str(out_dir), "--n", "2", "--set", "synthetic.seed=-3"])
+    assert code == 2
+    assert "synthetic.seed" in capsys.readouterr().err
+    assert not out_dir.exists()

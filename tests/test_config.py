@@ -1,0 +1,67 @@
+import pytest
+import yaml
+
+from pipelines.config import ConfigError, RunConfig, apply_override, load_config
+
+
+def test_defaults_are_valid_and_hash_is_stable():
+    a, b = load_config(), RunConfig()
+    assert a == b
+    assert a.hash() == b.hash()
+    assert load_config(overrides=["seed=1"]).hash() != a.hash()
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        yaml.safe_dump({"name": "nightly", "classifier": {"optim": {"epochs": 7, "lr": 0.05}}})
+    )
+    cfg = load_config(path, ["classifier.optim.epochs=2", "cam.scales=[1.0, 0.5]"])
+    assert cfg.name == "nightly"
+    assert cfg.classifier.optim.epochs == 2  # the command line wins over the file
+    assert cfg.classifier.optim.lr == 0.05
+    assert tuple(cfg.cam.scales) == (1.0, 0.5)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = load_config(overrides=["crf.iterations=4", "ray.train_workers=2"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("classifier.optim.epochs=0", "classifier.optim.epochs"),
+        ("classifier.optim.lr=-1", "classifier.optim.lr"),
+        ("crf.iterations=abc", "crf.iterations"),
+        ("cam.scales=[]", "cam.scales"),
+        ("random_walk.beta=0", "random_walk.beta"),
+        ("classifier.model.backbone.name=resnet7", "classifier.model.backbone.name"),
+        ("storage.s3_max_attempts=0", "storage.s3_max_attempts"),
+        ("dataset.typo_field=1", "dataset.typo_field"),
+    ],
+)
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as exc:
+        load_config(overrides=[override])
+    assert field in str(exc.value)
+
+
+def test_radius_must_agree_between_labels_and_network():
+    with pytest.raises(ConfigError, match="radius"):
+        load_config(overrides=["affinity.labels.radius=4"])
+
+
+def test_bad_files_and_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.field=value"):
+        apply_override({}, "noequals")
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_override({"name": "x"}, "name.inner=1")
