@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from pipelines.config import ConfigError, RunConfig, load_config
+from wsss.dataset import ManifestError
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ManifestError) as exc:
         print(f"wsss: {exc}", file=sys.stderr)
         return 2
 

@@ -19,7 +19,7 @@ import torch
 
 from pipelines import storage
 from pipelines.config import RunConfig
-from pipelines.manifest import load_manifest
+from pipelines.inputs import load_manifest, resolve_weights
 from wsss import labeling
 from wsss.affinity import affinity_label_map, train_affinity_net
 from wsss.cam import compute_cams
@@ -86,7 +86,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     classifier = train_classifier(
         [(e.image, e.labels) for e in examples],
         n_classes,
-        cfg.classifier.model,
+        cfg.classifier.model.model_copy(
+            update={"backbone": resolve_weights(cfg.classifier.model.backbone, cfg)}
+        ),
         cfg.classifier.augment,
         cfg.classifier.optim,
         cfg.seed,
@@ -114,7 +116,9 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     affinity_net = train_affinity_net(
         affinity_samples,
-        cfg.affinity.model,
+        cfg.affinity.model.model_copy(
+            update={"backbone": resolve_weights(cfg.affinity.model.backbone, cfg)}
+        ),
         cfg.affinity.augment,
         cfg.affinity.optim,
         cfg.seed,

@@ -105,3 +105,23 @@ def write_bytes(uri: str, data: bytes, config: StorageConfig) -> None:
 def exists(uri: str, config: StorageConfig) -> bool:
     fs, path = filesystem(uri, config)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def local_copy(uri: str, config: StorageConfig, cache_dir: str | None = None) -> str:
+    """A local path holding the bytes of `uri`: the path itself when local, else a copy in a
+    cache folder keyed by the URI (for libraries that only read local files)."""
+    if not is_s3(uri):
+        return uri
+    import hashlib
+    import tempfile
+
+    folder = cache_dir or os.path.join(tempfile.gettempdir(), "wsss-cache")
+    os.makedirs(folder, exist_ok=True)
+    key = hashlib.sha256(uri.encode()).hexdigest()[:24]
+    path = os.path.join(folder, f"{key}-{posixpath.basename(uri)}")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.part"
+        with open(tmp, "wb") as f:
+            f.write(read_bytes(uri, config))
+        os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
+    return path

@@ -25,3 +25,12 @@ def test_invalid_config_fails_before_work_and_names_field(capsys, tmp_path):
     assert code == 2
     assert "synthetic.seed" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_bad_manifest_is_reported_not_a_traceback(capsys, tmp_path):
+    (tmp_path / "classes.txt").write_text("background\ncat\n")
+    (tmp_path / "manifest.jsonl").write_text('{"image": "a.png", "labels": ["dog"]}\n')
+    code = main(["run-local", "--set", f"dataset.manifest={tmp_path / 'manifest.jsonl'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "row 1" in err and "dog" in err

@@ -45,3 +45,13 @@ def test_uri_helpers():
 def test_bad_endpoint_is_rejected():
     with pytest.raises(ValueError, match="s3_endpoint_url"):
         storage.filesystem("s3://b/k", StorageConfig(s3_endpoint_url="localhost:9000"))
+
+
+def test_local_copy_of_an_s3_object(s3_endpoint, s3_bucket, tmp_path):
+    cfg = StorageConfig(s3_endpoint_url=s3_endpoint, s3_region="us-east-1")
+    uri = f"s3://{s3_bucket}/weights/backbone.pt"
+    storage.write_bytes(uri, b"state", cfg)
+    path = storage.local_copy(uri, cfg, cache_dir=str(tmp_path))
+    assert path.startswith(str(tmp_path)) and open(path, "rb").read() == b"state"
+    assert storage.local_copy(uri, cfg, cache_dir=str(tmp_path)) == path
+    assert storage.local_copy("/abs/file.pt", cfg) == "/abs/file.pt"

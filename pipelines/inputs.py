@@ -1,4 +1,5 @@
-"""Load the dataset manifest named by the config, from a local path or object storage.
+"""What a run reads besides images: the dataset manifest and pretrained backbone weights, from
+local paths or object storage.
 
 The parsing and validation rules are `wsss.dataset`'s; this module only fetches the bytes.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pipelines import storage
 from pipelines.config import RunConfig
 from wsss import dataset
+from wsss.backbone import BackboneParams
 from wsss.dataset import Manifest, ManifestError
 
 
@@ -35,3 +37,11 @@ def load_manifest(cfg: RunConfig) -> Manifest:
     except ManifestError as exc:
         raise ManifestError(exc.problems, f"{uri}: {len(exc.problems)} problem(s)") from None
     return Manifest(classes, rows, root)
+
+
+def resolve_weights(params: BackboneParams, cfg: RunConfig) -> BackboneParams:
+    """`params` with an s3:// `weights` URI replaced by a local copy (wsss loads local files and
+    torchvision weights names only)."""
+    if params.weights is None or not storage.is_s3(params.weights):
+        return params
+    return params.model_copy(update={"weights": storage.local_copy(params.weights, cfg.storage)})
