@@ -18,7 +18,7 @@ test: setup
 
 bench: setup
 	$(RUN) python bench/random_walk.py --out bench/results/random_walk.json
-	$(RUN) python bench/crf.py --out bench/results/crf.json
+	$(RUN) python bench/crf.py --iterations 5 10 --out bench/results/crf.json
 
 lint: setup
 	$(RUN) ruff check .
