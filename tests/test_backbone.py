@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import io
+import urllib.error
+
+import pytest
+import torch
+import torchvision
+from pydantic import ValidationError
+
+from wsss.backbone import (
+    BackboneParams,
+    backbone_from_params,
+    build_backbone,
+    load_backbone_weights,
+)
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize(
+    ("name", "output_stride", "channels", "strides"),
+    [
+        ("resnet18", 16, (64, 128, 256, 512), (4, 8, 16, 16)),
+        ("resnet50", 16, (256, 512, 1024, 2048), (4, 8, 16, 16)),
+        ("resnet18", 8, (64, 128, 256, 512), (4, 8, 8, 8)),
+    ],
+)
+def test_feature_shapes_match_channels_and_strides(name, output_stride, channels, strides):
+    backbone = build_backbone(name, output_stride).eval()
+    assert backbone.channels == channels
+    assert backbone.strides == strides
+    height, width = 64, 96
+    with torch.no_grad():
+        features = backbone(torch.randn(2, 3, height, width))
+    assert [tuple(f.shape) for f in features] == [
+        (2, c, height // s, width // s) for c, s in zip(channels, strides, strict=True)
+    ]
+
+
+def test_stride_removed_only_in_last_layer_matches_torchvision_up_to_layer3():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None).eval()
+    backbone = build_backbone("resnet18").eval()
+    load_backbone_weights(backbone, reference.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = backbone(x)
+        r = reference
+        y = r.maxpool(r.relu(r.bn1(r.conv1(x))))
+        for i, layer in enumerate((r.layer1, r.layer2, r.layer3)):
+            y = layer(y)
+            torch.testing.assert_close(ours[i], y)
+        # layer4 keeps layer3's resolution instead of halving it
+        assert r.layer4(y).shape[-1] * 2 == ours[3].shape[-1]
+
+
+def _torchvision_resnet18_bytes() -> tuple[dict, bytes]:
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return state, buffer.getvalue()
+
+
+def _assert_loaded(backbone, state):
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, state[key], msg=key)
+
+
+def test_load_torchvision_state_dict_from_file_bytes_and_stream(tmp_path):
+    state, data = _torchvision_resnet18_bytes()
+    assert any(k.startswith("fc.") for k in state)  # fc is present and must be ignored
+    path = tmp_path / "resnet18.pth"
+    path.write_bytes(data)
+    for source in (str(path), data, io.BytesIO(data)):
+        backbone = build_backbone("resnet18")
+        load_backbone_weights(backbone, source)
+        _assert_loaded(backbone, state)
+
+
+def test_load_own_backbone_state_dict(tmp_path):
+    source = build_backbone("resnet18")
+    buffer = io.BytesIO()
+    torch.save(source.state_dict(), buffer)
+    target = build_backbone("resnet18")
+    load_backbone_weights(target, buffer.getvalue())
+    _assert_loaded(target, source.state_dict())
+
+
+def test_mismatched_weights_list_the_keys():
+    _, data = _torchvision_resnet18_bytes()
+    with pytest.raises(ValueError, match=r"shape mismatches \[.*layer1\.0\.conv1\.weight"):
+        load_backbone_weights(build_backbone("resnet50"), data)
+    state = build_backbone("resnet18").state_dict()
+    del state["layer2.0.bn1.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with pytest.raises(ValueError) as err:
+        load_backbone_weights(build_backbone("resnet18"), buffer.getvalue())
+    assert "missing keys [layer2.0.bn1.weight]" in str(err.value)
+    assert "unexpected keys [extra.weight]" in str(err.value)
+
+
+def test_weights_sources_that_cannot_be_used(tmp_path):
+    backbone = build_backbone("resnet18")
+    with pytest.raises(
+        ValueError, match="unknown torchvision weights name 'ResNet18_Weights.NOPE'"
+    ):
+        load_backbone_weights(backbone, "ResNet18_Weights.NOPE")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_backbone_weights(backbone, str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="resolve it to bytes"):
+        load_backbone_weights(backbone, "s3://bucket/resnet18.pth")
+    buffer = io.BytesIO()
+    torch.save([1, 2], buffer)
+    with pytest.raises(ValueError, match="must be a state dict"):
+        load_backbone_weights(backbone, buffer.getvalue())
+
+
+def test_offline_torchvision_download_names_the_problem(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.models.ResNet18_Weights, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match=r"offline\?.*local path or a storage URI"):
+        load_backbone_weights(build_backbone("resnet18"), "ResNet18_Weights.IMAGENET1K_V1")
+
+
+def test_frozen_batchnorm_keeps_statistics_and_parameters():
+    params = BackboneParams(name="resnet18", freeze_batchnorm=True)
+    backbone = backbone_from_params(params).train()
+    bn = backbone.layer1[0].bn1
+    assert not bn.training and not bn.weight.requires_grad
+    assert backbone.conv1.weight.requires_grad
+    before = bn.running_mean.clone()
+    backbone(torch.randn(2, 3, 32, 32) * 5 + 3)
+    torch.testing.assert_close(bn.running_mean, before)
+
+    trained = backbone_from_params(BackboneParams(name="resnet18")).train()
+    trained(torch.randn(2, 3, 32, 32) * 5 + 3)
+    assert not torch.allclose(trained.layer1[0].bn1.running_mean, before)
+
+
+def test_params_validation():
+    with pytest.raises(ValidationError, match="output_stride"):
+        BackboneParams(output_stride=32)
+    with pytest.raises(ValidationError, match="name"):
+        BackboneParams(name="vgg16")
+    with pytest.raises(ValidationError, match="extra"):
+        BackboneParams(dilation=2)
+    assert BackboneParams().name == "resnet50"

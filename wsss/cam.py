@@ -1,0 +1,128 @@
+"""Class activation maps, IRN style: relu(score maps) summed over scales and horizontal flips,
+upsampled, each labelled class divided by its maximum, unlabelled classes zeroed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from wsss.classifier import multi_hot
+from wsss.params import Params
+from wsss.transforms import check_image, normalize
+
+Maps = TypeVar("Maps", np.ndarray, torch.Tensor)
+
+
+class CamParams(Params):
+    """Multi-scale inference and the background score used to turn CAMs into a segmentation."""
+
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    # "threshold": constant background score bg_threshold (IRN);
+    # "power": (1 - max_c cam) ** bg_alpha (PSA).
+    background: Literal["threshold", "power"] = "threshold"
+    bg_threshold: float = Field(default=0.15, ge=0, le=1)
+    bg_alpha: float = Field(default=16.0, gt=0)
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, scales: tuple[float, ...]) -> tuple[float, ...]:
+        if not scales:
+            raise ValueError("scales must not be empty")
+        if any(not s > 0 for s in scales):
+            raise ValueError(f"scales must all be positive, got {scales}")
+        return scales
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def compute_cams_batch(
+    model: nn.Module,
+    images: torch.Tensor,
+    label_mask: torch.Tensor,
+    params: CamParams,
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """CAMs (B, K, oh, ow) of same-size normalised images (B, 3, H, W).
+
+    `model` needs `score_maps(x) -> (B, K, h, w)`; it runs in eval mode on its own device (the
+    result stays there). `label_mask` (B, K) bool marks each image's classes; the others are
+    zero, labelled ones peak at 1 (unless the class never activates, then they stay 0).
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(
+            f"images must be a float (B, 3, H, W) tensor, got {images.dtype} {tuple(images.shape)}"
+        )
+    if label_mask.ndim != 2 or label_mask.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"label_mask must be (B={images.shape[0]}, K), got {tuple(label_mask.shape)}"
+        )
+    model.eval()
+    device = _model_device(model)
+    images = images.to(device)
+    batch, _, height, width = images.shape
+    total = None
+    for scale in params.scales:
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        x = images
+        if size != (height, width):
+            x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=scale < 1)
+        if params.flip:  # both orientations in one forward pass
+            x = torch.cat([x, x.flip(-1)])
+        maps = F.relu(model.score_maps(x))
+        if params.flip:
+            maps = maps[:batch] + maps[batch:].flip(-1)
+        maps = F.interpolate(maps, output_size, mode="bilinear", align_corners=False)
+        total = maps if total is None else total + maps
+    if total.shape[1] != label_mask.shape[1]:
+        raise ValueError(
+            f"label_mask has {label_mask.shape[1]} classes, the model {total.shape[1]}"
+        )
+    total = total * label_mask.to(device=device, dtype=total.dtype)[:, :, None, None]
+    return total / (total.amax(dim=(2, 3), keepdim=True) + 1e-5)
+
+
+def compute_cams(
+    model: nn.Module,
+    image: np.ndarray,
+    labels: Sequence[int],
+    params: CamParams,
+    device: torch.device | str | None = None,
+    output_size: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """CAMs float32 (K, H, W) (or `output_size`) of one uint8 (H, W, 3) image with class
+    indices `labels` in 1..K. `model` needs `score_maps` and `n_classes`; it is moved to
+    `device` when one is given, else it runs where it is."""
+    check_image(image)
+    if device is not None:
+        model.to(device)
+    label_mask = torch.from_numpy(multi_hot(labels, model.n_classes) > 0)[None]
+    images = torch.from_numpy(normalize(image))[None]
+    size = output_size if output_size is not None else image.shape[:2]
+    cams = compute_cams_batch(model, images, label_mask, params, tuple(size))
+    return cams[0].cpu().numpy()
+
+
+def add_background(cams_fg: Maps, params: CamParams) -> Maps:
+    """Prepend a background channel to foreground CAMs (K, H, W) or (B, K, H, W): the constant
+    `bg_threshold`, or `(1 - max_c cam) ** bg_alpha`. Numpy in, numpy out; tensor in, tensor out.
+    """
+    cams = torch.from_numpy(cams_fg) if isinstance(cams_fg, np.ndarray) else cams_fg
+    if cams.ndim not in (3, 4) or cams.shape[-3] == 0:
+        raise ValueError(f"cams must be (K, H, W) or (B, K, H, W) with K >= 1, got {cams.shape}")
+    fg_max = cams.amax(dim=-3, keepdim=True)
+    if params.background == "threshold":
+        background = torch.full_like(fg_max, params.bg_threshold)
+    else:
+        background = (1 - fg_max).clamp(0, 1) ** params.bg_alpha
+    out = torch.cat([background, cams], dim=-3)
+    return out.numpy() if isinstance(cams_fg, np.ndarray) else out

@@ -1,0 +1,202 @@
+"""Multi-label image classifier whose 1x1 convolution head gives the class activation maps:
+backbone -> score maps (B, K, h, w) -> pooling -> logits (B, K); logit k <-> class k + 1."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.backbone import BackboneParams, backbone_from_params, load_backbone_weights
+from wsss.params import Params
+from wsss.training import (
+    Batch,
+    OptimParams,
+    collate,
+    default_device,
+    fit,
+    make_optimizer,
+    make_scheduler,
+)
+from wsss.transforms import AugmentParams, augment, check_image, normalize
+
+Pooling = Callable[[torch.Tensor], torch.Tensor]
+PoolingName = Literal["gap", "gmp"]
+
+
+def global_average_pool(score_maps: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) -> (B, K): mean over positions (CAM, IRN)."""
+    return score_maps.mean(dim=(2, 3))
+
+
+def global_max_pool(score_maps: torch.Tensor) -> torch.Tensor:
+    """(B, K, h, w) -> (B, K): max over positions (FCN-MIL)."""
+    return score_maps.amax(dim=(2, 3))
+
+
+# Pooling of class score maps into logits; new poolings (WILDCAT, HFPL) register here.
+POOLINGS: dict[str, Pooling] = {"gap": global_average_pool, "gmp": global_max_pool}
+assert set(POOLINGS) == set(get_args(PoolingName)), "PoolingName and POOLINGS must agree"
+
+
+class ClassifierParams(Params):
+    """Classifier architecture; the number of classes comes from the dataset's class list."""
+
+    backbone: BackboneParams = BackboneParams()
+    pooling: PoolingName = "gap"
+
+
+class Classifier(nn.Module):
+    """Backbone + bias-free 1x1 convolution head + pooling."""
+
+    def __init__(self, n_classes: int, params: ClassifierParams | None = None) -> None:
+        super().__init__()
+        if n_classes < 1:
+            raise ValueError(f"n_classes must be >= 1 (foreground classes), got {n_classes}")
+        params = params or ClassifierParams()
+        self.n_classes = n_classes
+        self.params = params
+        self.backbone = backbone_from_params(params.backbone)
+        # No bias: a CAM is then exactly the head applied to the features at each position.
+        self.head = nn.Conv2d(self.backbone.channels[-1], n_classes, kernel_size=1, bias=False)
+        self.pool = POOLINGS[params.pooling]
+
+    def score_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw class scores (B, K, h, w) at the backbone's output stride, before any relu."""
+        return self.head(self.backbone(x)[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.score_maps(x))
+
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
+        """Optimizer groups: trainable backbone parameters at `lr`, the new head faster."""
+        return [
+            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
+            {"params": list(self.head.parameters()), "lr": lr * head_lr_mult},
+        ]
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label soft-margin loss of logits (B, K) against multi-hot targets (B, K)."""
+    return F.multilabel_soft_margin_loss(logits, targets)
+
+
+def classifier_step_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """`step_loss` for `wsss.training.fit`: batch "image" (B, 3, H, W), "targets" (B, K)."""
+    return classification_loss(model(batch["image"]), batch["targets"]), {}
+
+
+def multi_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:
+    """Class indices 1..K -> float32 (K,) targets (class k at position k - 1)."""
+    targets = np.zeros(n_classes, dtype=np.float32)
+    for label in labels:
+        if not 1 <= label <= n_classes:
+            raise ValueError(
+                f"label {label} is not a foreground class index in 1..{n_classes} "
+                "(0 is background and is never an image label)"
+            )
+        targets[label - 1] = 1.0
+    return targets
+
+
+def classification_example(
+    image: np.ndarray,
+    labels: Sequence[int],
+    n_classes: int,
+    rng: np.random.Generator,
+    augment_params: AugmentParams,
+) -> dict[str, np.ndarray]:
+    """One augmented training example: {"image": float32 (3, S, S), "targets": float32 (K,)}."""
+    augmented, _ = augment(image, rng, augment_params)
+    return {"image": augmented, "targets": multi_hot(labels, n_classes)}
+
+
+def classification_batches(
+    samples: Sequence[tuple[np.ndarray, Sequence[int]]],
+    n_classes: int,
+    augment_params: AugmentParams,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> Iterator[Batch]:
+    """One epoch of shuffled, augmented batches (the last one may be smaller)."""
+    order = rng.permutation(len(samples))
+    for start in range(0, len(order), batch_size):
+        yield collate(
+            classification_example(*samples[i], n_classes, rng, augment_params)
+            for i in order[start : start + batch_size]
+        )
+
+
+def _check_samples(samples: Sequence[tuple[np.ndarray, Sequence[int]]], n_classes: int) -> None:
+    if len(samples) == 0:
+        raise ValueError("no training samples")
+    for i, (image, labels) in enumerate(samples):
+        try:
+            check_image(image)
+            multi_hot(labels, n_classes)
+        except ValueError as err:
+            raise ValueError(f"samples[{i}]: {err}") from None
+
+
+def train_classifier(
+    samples: Sequence[tuple[np.ndarray, Sequence[int]]],
+    n_classes: int,
+    classifier_params: ClassifierParams,
+    augment_params: AugmentParams,
+    optim_params: OptimParams,
+    seed: int,
+    device: torch.device | str | None = None,
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+) -> Classifier:
+    """Train a classifier in this process on (image uint8 HWC, labels 1..K) samples.
+
+    Backbone weights named by `classifier_params.backbone.weights` are loaded when given (a
+    local file or a torchvision weights name; URIs are the pipelines' business). Epoch e's
+    shuffling and augmentation depend only on (seed, e). Returns the model in eval mode.
+    """
+    _check_samples(samples, n_classes)
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(seed)
+    model = Classifier(n_classes, classifier_params)
+    if classifier_params.backbone.weights is not None:
+        load_backbone_weights(model.backbone, classifier_params.backbone.weights)
+    optimizer = make_optimizer(
+        model.param_groups(optim_params.lr, optim_params.head_lr_mult), optim_params
+    )
+    steps_per_epoch = math.ceil(len(samples) / optim_params.batch_size)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * optim_params.epochs, optim_params)
+
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([seed, epoch])
+        return classification_batches(
+            samples, n_classes, augment_params, optim_params.batch_size, rng
+        )
+
+    fit(
+        model,
+        epoch_batches,
+        classifier_step_loss,
+        optimizer,
+        scheduler,
+        optim_params.epochs,
+        device,
+        on_epoch_end=on_epoch_end,
+    )
+    return model.eval()
+
+
+@torch.no_grad()
+def image_scores(model: Classifier, images: Sequence[np.ndarray]) -> np.ndarray:
+    """Sigmoid class probabilities (N, K) of whole, unaugmented images, on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = [
+        torch.sigmoid(model(torch.from_numpy(normalize(image))[None].to(device)))[0].cpu()
+        for image in images
+    ]
+    return torch.stack(scores).numpy() if scores else np.zeros((0, model.n_classes), np.float32)
