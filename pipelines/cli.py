@@ -40,6 +40,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = _config(args, extra)
     s = cfg.synthetic
     manifest = synthetic.generate(s.out, s.n, s.seed, s.params)
+    (manifest.parent / "config.yaml").write_text(cfg.to_yaml())
     print(f"wrote {s.n} images to {manifest}")
     if args.preview:
         synthetic.write_preview(args.preview, s.seed, s.params)

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 from pipelines.cli import main
+from pipelines.config import load_config
 
 
 def test_help_lists_subcommands():
@@ -34,3 +35,11 @@ def test_bad_manifest_is_reported_not_a_traceback(capsys, tmp_path):
     assert code == 2
     err = capsys.readouterr().err
     assert "row 1" in err and "dog" in err
+
+
+def test_synth_writes_dataset_and_its_config(tmp_path):
+    out = tmp_path / "ds"
+    assert main(["synth", "--out", str(out), "--n", "3", "--seed", "5"]) == 0
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 3
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.synthetic.n, cfg.synthetic.seed, cfg.synthetic.out) == (3, 5, str(out))

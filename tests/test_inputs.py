@@ -1,0 +1,62 @@
+import io
+
+import boto3
+import pytest
+import torch
+import torchvision
+
+from pipelines import inputs
+from pipelines.config import load_config
+from wsss import synthetic
+from wsss.backbone import BackboneParams, build_backbone, load_backbone_weights
+from wsss.dataset import ManifestError
+from wsss.synthetic import SyntheticParams
+
+
+def _upload_folder(client, bucket, folder, prefix):
+    for path in folder.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+
+
+def test_manifest_from_s3_resolves_rows_against_the_prefix(tmp_path, s3_endpoint, s3_bucket):
+    params = SyntheticParams(n_classes=2, min_side=40, max_side=48)
+    synthetic.generate(tmp_path, 3, seed=1, params=params)
+    _upload_folder(boto3.client("s3", endpoint_url=s3_endpoint), s3_bucket, tmp_path, "ds")
+    cfg = load_config(
+        overrides=[
+            f"dataset.manifest=s3://{s3_bucket}/ds/manifest.jsonl",
+            f"storage.s3_endpoint_url={s3_endpoint}",
+        ]
+    )
+    manifest = inputs.load_manifest(cfg)
+    assert len(manifest) == 3 and manifest.classes[0] == "background"
+    assert manifest.rows[0].image.startswith(f"s3://{s3_bucket}/ds/images/")
+
+
+def test_missing_s3_manifest_is_a_manifest_error(s3_endpoint, s3_bucket):
+    cfg = load_config(
+        overrides=[
+            f"dataset.manifest=s3://{s3_bucket}/nothing/manifest.jsonl",
+            f"storage.s3_endpoint_url={s3_endpoint}",
+        ]
+    )
+    with pytest.raises(ManifestError, match="cannot read manifest"):
+        inputs.load_manifest(cfg)
+
+
+def test_backbone_weights_from_s3(s3_endpoint, s3_bucket):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    boto3.client("s3", endpoint_url=s3_endpoint).put_object(
+        Bucket=s3_bucket, Key="weights/r18.pt", Body=buffer.getvalue()
+    )
+    cfg = load_config(overrides=[f"storage.s3_endpoint_url={s3_endpoint}"])
+    params = BackboneParams(name="resnet18", weights=f"s3://{s3_bucket}/weights/r18.pt")
+    resolved = inputs.resolve_weights(params, cfg)
+    assert not resolved.weights.startswith("s3://")
+    backbone = build_backbone("resnet18")
+    load_backbone_weights(backbone, resolved.weights)
+    assert torch.equal(backbone.conv1.weight, state["conv1.weight"])
+    assert inputs.resolve_weights(BackboneParams(), cfg) == BackboneParams()
