@@ -1,14 +1,14 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from pipelines.cli import main
 from pipelines.config import load_config
 
 
-def test_help_lists_subcommands():
-    out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, check=True
-    ).stdout
+def test_console_command_help_lists_subcommands():
+    wsss = Path(sys.executable).parent / "wsss"  # the console script the package installs
+    out = subprocess.run([wsss, "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("synth", "run-local", "config"):
         assert command in out
 

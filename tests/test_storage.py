@@ -21,9 +21,11 @@ def test_s3_round_trip_through_local_server(s3_endpoint, s3_bucket):
     assert storage.exists(uri, cfg)
     assert storage.read_bytes(uri, cfg) == b"\x00\x01weights"
     # What we wrote is a real object for any other S3 client.
-    body = boto3.client("s3", endpoint_url=s3_endpoint).get_object(
-        Bucket=s3_bucket, Key="models/w.bin"
-    )["Body"].read()
+    body = (
+        boto3.client("s3", endpoint_url=s3_endpoint)
+        .get_object(Bucket=s3_bucket, Key="models/w.bin")["Body"]
+        .read()
+    )
     assert body == b"\x00\x01weights"
     assert not storage.exists(f"s3://{s3_bucket}/models/missing.bin", cfg)
 
