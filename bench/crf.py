@@ -14,13 +14,13 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
+from common import machine_info
 from pydensecrf.utils import unary_from_softmax
 from scipy import ndimage
 
@@ -87,23 +87,6 @@ def timed(fn, *args) -> tuple[float, np.ndarray]:
     return time.perf_counter() - start, result
 
 
-def machine() -> dict:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "pinned_to_cpus": sorted(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "pydensecrf2": importlib.metadata.version("pydensecrf2"),
-    }
-
-
 def bench_case(n_labels: int, iterations: int, repeats: int) -> dict:
     image, probs = synthetic_scene(n_labels, seed=n_labels)
     params = CrfParams(iterations=iterations)
@@ -168,7 +151,11 @@ def main() -> None:
         for n_labels in args.labels
         for iterations in args.iterations
     ]
-    info = machine()
+    info = machine_info(
+        pinned_to_cpus=sorted(os.sched_getaffinity(0)),
+        numpy=np.__version__,
+        pydensecrf2=importlib.metadata.version("pydensecrf2"),
+    )
     print(
         f"{WIDTH}x{HEIGHT} image, pinned to CPU {cpu} of nproc={info['nproc']} "
         f"({info['cpu_model']}), pydensecrf2 {info['pydensecrf2']}, {args.repeats} repeats"

@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import machine_info
 
 from wsss.neighbourhood import offsets, pair_indices, pair_valid
 from wsss.random_walk import RandomWalkParams, propagate
@@ -125,22 +124,6 @@ def idle_baseline_bytes() -> int:
     )
 
 
-def machine(threads: int) -> dict:
-    cpu_model = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    return {
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-    }
-
-
 def main(args: argparse.Namespace) -> dict:
     baseline = idle_baseline_bytes()
     grids = {s: (math.ceil(IMAGE_SIZE[0] / s), math.ceil(IMAGE_SIZE[1] / s)) for s in (8, 4)}
@@ -184,7 +167,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"sparse {grid}: {linearity[-1]}", file=sys.stderr)
 
     return {
-        "machine": machine(args.threads),
+        "machine": machine_info(torch_threads=args.threads, torch=torch.__version__),
         "image_hw": list(IMAGE_SIZE),
         "radius": args.radius,
         "beta": args.beta,

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import numpy as np
@@ -282,42 +283,24 @@ def test_step_loss_rejects_label_grid_mismatch():
 
 def test_train_affinity_net_checks_samples_and_loads_backbone_state():
     image = np.zeros((32, 32, 3), np.uint8)
-    params = AffinityNetParams(backbone=RESNET18, level_dims=(8, 8, 8, 8))
-    augment = AugmentParams(resize_long=(32, 32), crop_size=32)
-    optim = OptimParams(epochs=1, batch_size=1, lr=1e-12)
+    train = functools.partial(
+        train_affinity_net,
+        params=AffinityNetParams(backbone=RESNET18, level_dims=(8, 8, 8, 8)),
+        augment_params=AugmentParams(resize_long=(32, 32), crop_size=32),
+        optim_params=OptimParams(epochs=1, batch_size=1, lr=1e-12),
+        seed=0,
+        device="cpu",
+    )
     with pytest.raises(ValueError, match=r"samples\[1\]: label map shape"):
-        train_affinity_net(
-            [(image, np.zeros((32, 32), np.uint8)), (image, np.zeros((16, 32), np.uint8))],
-            params,
-            augment,
-            optim,
-            seed=0,
-            device="cpu",
-        )
+        train([(image, np.zeros((32, 32), np.uint8)), (image, np.zeros((16, 32), np.uint8))])
     torch.manual_seed(123)
     source = build_backbone("resnet18")
     label = np.zeros((32, 32), np.uint8)
     label[:, 16:] = 1
-    model = train_affinity_net(
-        [(image, label)],
-        params,
-        augment,
-        optim,
-        seed=0,
-        device="cpu",
-        backbone_state=source.state_dict(),
-    )
+    model = train([(image, label)], backbone_state=source.state_dict())
     torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
     with pytest.raises(ValueError, match="do not fit backbone"):
-        train_affinity_net(
-            [(image, label)],
-            params,
-            augment,
-            optim,
-            seed=0,
-            device="cpu",
-            backbone_state=build_backbone("resnet50").state_dict(),
-        )
+        train([(image, label)], backbone_state=build_backbone("resnet50").state_dict())
 
 
 # --- the key behaviour: trained affinities separate objects ------------------------------------

@@ -11,7 +11,7 @@ from wsss.classifier import (
     POOLINGS,
     Classifier,
     ClassifierParams,
-    classification_batches,
+    classification_example,
     classification_loss,
     image_scores,
     multi_hot,
@@ -19,7 +19,7 @@ from wsss.classifier import (
 )
 from wsss.metrics import mean_average_precision
 from wsss.synthetic import SyntheticParams, render_sample
-from wsss.training import OptimParams
+from wsss.training import OptimParams, shuffled_batches
 from wsss.transforms import AugmentParams
 
 torch.set_num_threads(1)
@@ -88,7 +88,14 @@ def test_classification_batches_shapes_order_and_targets():
         (rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8), [1 + i % 3]) for i in range(5)
     ]
     params = AugmentParams(resize_long=(32, 48), crop_size=32)
-    batches = list(classification_batches(samples, 3, params, 2, np.random.default_rng(7)))
+    batches = list(
+        shuffled_batches(
+            samples,
+            lambda sample, rng: classification_example(*sample, 3, rng, params),
+            2,
+            np.random.default_rng(7),
+        )
+    )
     assert [b["image"].shape for b in batches] == [(2, 3, 32, 32)] * 2 + [(1, 3, 32, 32)]
     order = np.random.default_rng(7).permutation(5)
     targets = torch.cat([b["targets"] for b in batches])

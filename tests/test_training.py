@@ -12,6 +12,8 @@ from wsss.training import (
     fit,
     make_optimizer,
     make_scheduler,
+    shuffled_batches,
+    train_in_process,
     train_one_epoch,
 )
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD, AugmentParams, augment, normalize
@@ -162,6 +164,74 @@ def test_collate_stacks_each_key():
     assert batch["image"][1].eq(1).all() and batch["t"][:, 0].tolist() == [0.0, 1.0]
     with pytest.raises(ValueError, match="no examples"):
         collate([])
+
+
+def test_shuffled_batches_order_sizes_and_shared_rng():
+    samples = [10 * i for i in range(7)]
+
+    def make_example(sample, rng):
+        return {"value": np.array(sample), "draw": np.array(rng.random())}
+
+    batches = list(shuffled_batches(samples, make_example, 3, np.random.default_rng(5)))
+    assert [len(b["value"]) for b in batches] == [3, 3, 1]
+    # The order comes first from the generator, then each example's draws in that order.
+    rng = np.random.default_rng(5)
+    order = rng.permutation(7)
+    assert torch.cat([b["value"] for b in batches]).tolist() == [samples[i] for i in order]
+    assert torch.cat([b["draw"] for b in batches]).tolist() == rng.random(7).tolist()
+
+
+class _LinearWithGroups(nn.Linear):
+    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
+        return [
+            {"params": [self.weight], "lr": lr},
+            {"params": [self.bias], "lr": lr * head_lr_mult},
+        ]
+
+
+def _train_regression(seed: int, on_epoch_end=None, seen: list | None = None) -> nn.Module:
+    """y = 2 x0 - x1 + 0.5 from 10 samples, each drawn with noise by the epoch's generator."""
+    samples = [(i, np.array([np.cos(i), np.sin(2 * i)], np.float32)) for i in range(10)]
+
+    def make_example(sample, rng):
+        index, x = sample
+        if seen is not None:
+            seen.append(index)
+        x = x + rng.normal(0, 0.01, 2).astype(np.float32)
+        return {"x": x, "y": np.array([2 * x[0] - x[1] + 0.5], np.float32)}
+
+    torch.manual_seed(0)
+    params = OptimParams(epochs=20, batch_size=4, lr=0.1, head_lr_mult=1, weight_decay=0)
+    return train_in_process(
+        _LinearWithGroups(2, 1),
+        samples,
+        make_example,
+        _mse_step_loss,
+        params,
+        seed,
+        "cpu",
+        on_epoch_end,
+    )
+
+
+def test_train_in_process_learns_with_epochs_seeded_by_seed_and_epoch():
+    history, seen = [], []
+    model = _train_regression(3, lambda epoch, metrics: history.append(metrics), seen)
+    assert not model.training
+    assert [m["epoch"] for m in history] == list(range(20))
+    assert all(m["steps"] == 3 and m["samples"] == 10 for m in history)  # ceil(10 / 4) batches
+    assert history[-1]["loss"] < 0.01 * history[0]["loss"]
+    torch.testing.assert_close(
+        model.weight.detach(), torch.tensor([[2.0, -1.0]]), atol=0.05, rtol=0
+    )
+    # Epoch e visits the samples in the order drawn from default_rng([seed, e]).
+    for epoch in (0, 7):
+        order = np.random.default_rng([3, epoch]).permutation(10)
+        assert seen[10 * epoch : 10 * (epoch + 1)] == order.tolist()
+    same = _train_regression(3)
+    other = _train_regression(4)
+    torch.testing.assert_close(same.weight, model.weight, atol=0, rtol=0)
+    assert not torch.equal(other.weight, model.weight)
 
 
 def test_params_bounds():

@@ -10,8 +10,7 @@ with the random walk: affinity[k, y, x] = a(p, p + offsets[k]) for p = (y, x).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,15 +24,7 @@ from wsss.crf import CrfParams, dense_crf
 from wsss.imageio import IGNORE_INDEX
 from wsss.neighbourhood import offsets, shifted
 from wsss.params import Params
-from wsss.training import (
-    Batch,
-    OptimParams,
-    collate,
-    default_device,
-    fit,
-    make_optimizer,
-    make_scheduler,
-)
+from wsss.training import Batch, EpochEnd, OptimParams, train_in_process
 from wsss.transforms import AugmentParams, augment, check_image, normalize
 
 # --- stage 3: affinity labels -----------------------------------------------------------------
@@ -310,22 +301,6 @@ def affinity_example(
     }
 
 
-def affinity_batches(
-    samples: Sequence[tuple[np.ndarray, np.ndarray]],
-    augment_params: AugmentParams,
-    stride: int,
-    batch_size: int,
-    rng: np.random.Generator,
-) -> Iterator[Batch]:
-    """One epoch of shuffled, augmented batches (the last one may be smaller)."""
-    order = rng.permutation(len(samples))
-    for start in range(0, len(order), batch_size):
-        yield collate(
-            affinity_example(*samples[i], rng, augment_params, stride)
-            for i in order[start : start + batch_size]
-        )
-
-
 def _check_samples(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
     if len(samples) == 0:
         raise ValueError("no training samples")
@@ -353,7 +328,7 @@ def train_affinity_net(
     seed: int,
     device: torch.device | str | None = None,
     backbone_state: WeightsSource | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch_end: EpochEnd | None = None,
 ) -> AffinityNet:
     """Train AffinityNet in this process on (image uint8 (H, W, 3), affinity label map uint8
     (H, W)) samples, label maps at image resolution (`affinity_label_map` on full-size CAMs).
@@ -364,35 +339,20 @@ def train_affinity_net(
     eval mode.
     """
     _check_samples(samples)
-    device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     model = AffinityNet(params)
     weights = backbone_state if backbone_state is not None else params.backbone.weights
     if weights is not None:
         load_backbone_weights(model.backbone, weights)
-    optimizer = make_optimizer(
-        model.param_groups(optim_params.lr, optim_params.head_lr_mult), optim_params
-    )
-    steps_per_epoch = math.ceil(len(samples) / optim_params.batch_size)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * optim_params.epochs, optim_params)
 
-    def epoch_batches(epoch: int) -> Iterator[Batch]:
-        rng = np.random.default_rng([seed, epoch])
-        return affinity_batches(
-            samples, augment_params, params.feature_stride, optim_params.batch_size, rng
-        )
+    def make_example(
+        sample: tuple[np.ndarray, np.ndarray], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        return affinity_example(*sample, rng, augment_params, params.feature_stride)
 
-    fit(
-        model,
-        epoch_batches,
-        affinity_step_loss,
-        optimizer,
-        scheduler,
-        optim_params.epochs,
-        device,
-        on_epoch_end=on_epoch_end,
+    return train_in_process(
+        model, samples, make_example, affinity_step_loss, optim_params, seed, device, on_epoch_end
     )
-    return model.eval()
 
 
 @torch.no_grad()

@@ -3,8 +3,7 @@ backbone -> score maps (B, K, h, w) -> pooling -> logits (B, K); logit k <-> cla
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import numpy as np
@@ -14,15 +13,7 @@ from torch import nn
 
 from wsss.backbone import BackboneParams, backbone_from_params, load_backbone_weights
 from wsss.params import Params
-from wsss.training import (
-    Batch,
-    OptimParams,
-    collate,
-    default_device,
-    fit,
-    make_optimizer,
-    make_scheduler,
-)
+from wsss.training import Batch, EpochEnd, OptimParams, train_in_process
 from wsss.transforms import AugmentParams, augment, check_image, normalize
 
 Pooling = Callable[[torch.Tensor], torch.Tensor]
@@ -116,22 +107,6 @@ def classification_example(
     return {"image": augmented, "targets": multi_hot(labels, n_classes)}
 
 
-def classification_batches(
-    samples: Sequence[tuple[np.ndarray, Sequence[int]]],
-    n_classes: int,
-    augment_params: AugmentParams,
-    batch_size: int,
-    rng: np.random.Generator,
-) -> Iterator[Batch]:
-    """One epoch of shuffled, augmented batches (the last one may be smaller)."""
-    order = rng.permutation(len(samples))
-    for start in range(0, len(order), batch_size):
-        yield collate(
-            classification_example(*samples[i], n_classes, rng, augment_params)
-            for i in order[start : start + batch_size]
-        )
-
-
 def _check_samples(samples: Sequence[tuple[np.ndarray, Sequence[int]]], n_classes: int) -> None:
     if len(samples) == 0:
         raise ValueError("no training samples")
@@ -151,7 +126,7 @@ def train_classifier(
     optim_params: OptimParams,
     seed: int,
     device: torch.device | str | None = None,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch_end: EpochEnd | None = None,
 ) -> Classifier:
     """Train a classifier in this process on (image uint8 HWC, labels 1..K) samples.
 
@@ -160,34 +135,19 @@ def train_classifier(
     shuffling and augmentation depend only on (seed, e). Returns the model in eval mode.
     """
     _check_samples(samples, n_classes)
-    device = torch.device(device) if device is not None else default_device()
     torch.manual_seed(seed)
     model = Classifier(n_classes, classifier_params)
     if classifier_params.backbone.weights is not None:
         load_backbone_weights(model.backbone, classifier_params.backbone.weights)
-    optimizer = make_optimizer(
-        model.param_groups(optim_params.lr, optim_params.head_lr_mult), optim_params
-    )
-    steps_per_epoch = math.ceil(len(samples) / optim_params.batch_size)
-    scheduler = make_scheduler(optimizer, steps_per_epoch * optim_params.epochs, optim_params)
 
-    def epoch_batches(epoch: int) -> Iterator[Batch]:
-        rng = np.random.default_rng([seed, epoch])
-        return classification_batches(
-            samples, n_classes, augment_params, optim_params.batch_size, rng
-        )
+    def make_example(
+        sample: tuple[np.ndarray, Sequence[int]], rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        return classification_example(*sample, n_classes, rng, augment_params)
 
-    fit(
-        model,
-        epoch_batches,
-        classifier_step_loss,
-        optimizer,
-        scheduler,
-        optim_params.epochs,
-        device,
-        on_epoch_end=on_epoch_end,
+    return train_in_process(
+        model, samples, make_example, classifier_step_loss, optim_params, seed, device, on_epoch_end
     )
-    return model.eval()
 
 
 @torch.no_grad()

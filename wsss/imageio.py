@@ -77,8 +77,8 @@ def decode_mask(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     return values.astype(np.uint8)
 
 
-def encode_mask(mask: np.ndarray) -> bytes:
-    """Encode an (H, W) integer mask with values 0..255 as an 8-bit grayscale (mode L) PNG."""
+def check_mask(mask: np.ndarray) -> np.ndarray:
+    """`mask` as an array, or a ValueError unless it is (H, W) integer class indices 0..255."""
     mask = np.asarray(mask)
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
@@ -86,6 +86,12 @@ def encode_mask(mask: np.ndarray) -> bytes:
         raise ValueError(f"mask must have an integer dtype, got {mask.dtype}")
     if mask.size and (mask.min() < 0 or mask.max() > 255):
         raise ValueError(f"mask values must lie in 0..255, got {mask.min()}..{mask.max()}")
+    return mask
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    """Encode an (H, W) integer mask with values 0..255 as an 8-bit grayscale (mode L) PNG."""
+    mask = check_mask(mask)
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
+from wsss.imageio import IGNORE_INDEX
 from wsss.params import Params
-
-IGNORE = 255
 
 # Added to every score so all-zero pixels become uniform rather than 0/0; negligible next to
 # CAM / random-walk scores, which are O(1) where a class is present.
@@ -75,8 +74,10 @@ def finalize(
             f"channels has {len(channels)} entries but probs has {probs.shape[0]} channels"
         )
     for c, cls in enumerate(channels):
-        if not 0 <= cls < IGNORE:
-            raise ValueError(f"channels[{c}] = {cls} is not a class index in [0, {IGNORE - 1}]")
+        if not 0 <= cls < IGNORE_INDEX:
+            raise ValueError(
+                f"channels[{c}] = {cls} is not a class index in [0, {IGNORE_INDEX - 1}]"
+            )
     if len(set(channels)) != len(channels):
         raise ValueError(f"channels must be distinct, got {channels}")
 
@@ -84,7 +85,7 @@ def finalize(
     best_prob = np.take_along_axis(probs, best[None], axis=0)[0]
     mask = np.asarray(channels, dtype=np.uint8)[best]
     ignored = best_prob < params.confidence_threshold
-    mask[ignored] = IGNORE
+    mask[ignored] = IGNORE_INDEX
     kept = best_prob[~ignored]
     confidence = float(kept.mean()) if kept.size else 0.0
     return mask, confidence, float(ignored.mean())

@@ -27,9 +27,8 @@ from PIL import Image, ImageDraw
 from pydantic import Field, model_validator
 from scipy import ndimage
 
+from wsss.imageio import IGNORE_INDEX
 from wsss.params import Params
-
-IGNORE_INDEX = 255
 
 # (u, v) in the object frame, major axis along u, both scaled so the object spans about [-1, 1].
 Shape = Callable[[np.ndarray, np.ndarray], np.ndarray]

@@ -1,12 +1,13 @@
 """Generic SGD training loop shared by the classifier and AffinityNet (and wrapped by Ray Train in
-the pipelines): the model-specific part is a `step_loss(model, batch)` function."""
+the pipelines): the model-specific parts are a `make_example(sample, rng)` function that turns one
+sample into augmented arrays and a `step_loss(model, batch)` function."""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
@@ -16,7 +17,11 @@ from torch import nn
 from wsss.params import Params
 
 Batch = dict[str, torch.Tensor]
+Example = dict[str, np.ndarray]
 StepLoss = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+EpochEnd = Callable[[int, dict[str, float]], None]
+Sample = TypeVar("Sample")
+Model = TypeVar("Model", bound=nn.Module)
 
 
 class OptimParams(Params):
@@ -134,7 +139,7 @@ def fit(
     epochs: int,
     device: torch.device | str,
     start_epoch: int = 0,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    on_epoch_end: EpochEnd | None = None,
 ) -> list[dict[str, float]]:
     """Train epochs `start_epoch .. epochs - 1` (a resumed run passes the epoch to start at);
     `epoch_batches(epoch)` gives that epoch's batches. Returns each epoch's metrics (with
@@ -163,3 +168,55 @@ def collate(examples: Iterable[dict[str, np.ndarray]]) -> Batch:
         key: torch.from_numpy(np.stack([example[key] for example in examples]))
         for key in examples[0]
     }
+
+
+def shuffled_batches(
+    samples: Sequence[Sample],
+    make_example: Callable[[Sample, np.random.Generator], Example],
+    batch_size: int,
+    rng: np.random.Generator,
+) -> Iterator[Batch]:
+    """One epoch of batches: the samples in an order drawn from `rng`, each made into an example
+    by `make_example(sample, rng)` (augmentation draws from the same `rng`, after the order),
+    collated `batch_size` at a time (the last batch may be smaller)."""
+    order = rng.permutation(len(samples))
+    for start in range(0, len(order), batch_size):
+        yield collate(make_example(samples[i], rng) for i in order[start : start + batch_size])
+
+
+def train_in_process(
+    model: Model,
+    samples: Sequence[Sample],
+    make_example: Callable[[Sample, np.random.Generator], Example],
+    step_loss: StepLoss,
+    optim_params: OptimParams,
+    seed: int,
+    device: torch.device | str | None = None,
+    on_epoch_end: EpochEnd | None = None,
+) -> Model:
+    """Train `model` in this process for `optim_params.epochs` epochs of `shuffled_batches`, with
+    the poly schedule over all steps. `model` has a `param_groups(lr, head_lr_mult)` method.
+    Epoch e's order and augmentation depend only on (seed, e). `device` defaults to
+    `default_device()`. Returns the model in eval mode."""
+    device = torch.device(device) if device is not None else default_device()
+    optimizer = make_optimizer(
+        model.param_groups(optim_params.lr, optim_params.head_lr_mult), optim_params
+    )
+    steps_per_epoch = math.ceil(len(samples) / optim_params.batch_size)
+    scheduler = make_scheduler(optimizer, steps_per_epoch * optim_params.epochs, optim_params)
+
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([seed, epoch])
+        return shuffled_batches(samples, make_example, optim_params.batch_size, rng)
+
+    fit(
+        model,
+        epoch_batches,
+        step_loss,
+        optimizer,
+        scheduler,
+        optim_params.epochs,
+        device,
+        on_epoch_end=on_epoch_end,
+    )
+    return model.eval()

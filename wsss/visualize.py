@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-IGNORE_INDEX = 255
+from wsss.imageio import IGNORE_INDEX, check_mask
 
 
 def _voc_palette() -> np.ndarray:
@@ -39,14 +39,7 @@ _HEAT_COLOURS = np.array(
 
 def colorize(mask: np.ndarray) -> np.ndarray:
     """(H, W) class indices (0..255) -> (H, W, 3) uint8 RGB in the `PALETTE` colours."""
-    mask = np.asarray(mask)
-    if mask.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W), got shape {mask.shape}")
-    if not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(f"mask must hold integer class indices, got dtype {mask.dtype}")
-    if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise ValueError(f"mask values must lie in 0..255, got {mask.min()}..{mask.max()}")
-    return PALETTE[mask]
+    return PALETTE[check_mask(mask)]
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
