@@ -6,10 +6,13 @@ The parsing and validation rules are `wsss.dataset`'s; this module only fetches 
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from pipelines import storage
 from pipelines.config import RunConfig
 from wsss import dataset
-from wsss.backbone import BackboneParams
+from wsss.affinity import AffinityNetParams
+from wsss.classifier import ClassifierParams
 from wsss.dataset import Manifest, ManifestError
 
 
@@ -39,9 +42,16 @@ def load_manifest(cfg: RunConfig) -> Manifest:
     return Manifest(classes, rows, root)
 
 
-def resolve_weights(params: BackboneParams, cfg: RunConfig) -> BackboneParams:
-    """`params` with an s3:// `weights` URI replaced by a local copy (wsss loads local files and
-    torchvision weights names only)."""
-    if params.weights is None or not storage.is_s3(params.weights):
+ModelParams = TypeVar("ModelParams", ClassifierParams, AffinityNetParams)
+
+
+def resolve_weights(params: ModelParams, cfg: RunConfig) -> ModelParams:
+    """Model `params` whose backbone's s3:// `weights` URI is replaced by a local copy (wsss loads
+    local files and torchvision weights names only)."""
+    weights = params.backbone.weights
+    if weights is None or not storage.is_s3(weights):
         return params
-    return params.model_copy(update={"weights": storage.local_copy(params.weights, cfg.storage)})
+    backbone = params.backbone.model_copy(
+        update={"weights": storage.local_copy(weights, cfg.storage)}
+    )
+    return params.model_copy(update={"backbone": backbone})

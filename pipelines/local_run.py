@@ -86,9 +86,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     classifier = train_classifier(
         [(e.image, e.labels) for e in examples],
         n_classes,
-        cfg.classifier.model.model_copy(
-            update={"backbone": resolve_weights(cfg.classifier.model.backbone, cfg)}
-        ),
+        resolve_weights(cfg.classifier.model, cfg),
         cfg.classifier.augment,
         cfg.classifier.optim,
         cfg.seed,
@@ -116,9 +114,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     affinity_net = train_affinity_net(
         affinity_samples,
-        cfg.affinity.model.model_copy(
-            update={"backbone": resolve_weights(cfg.affinity.model.backbone, cfg)}
-        ),
+        cfg.affinity.model,  # its backbone starts from the classifier's
         cfg.affinity.augment,
         cfg.affinity.optim,
         cfg.seed,

@@ -9,6 +9,7 @@ from pipelines import inputs
 from pipelines.config import load_config
 from wsss import synthetic
 from wsss.backbone import BackboneParams, build_backbone, load_backbone_weights
+from wsss.classifier import ClassifierParams
 from wsss.dataset import ManifestError
 from wsss.synthetic import SyntheticParams
 
@@ -53,10 +54,12 @@ def test_backbone_weights_from_s3(s3_endpoint, s3_bucket):
         Bucket=s3_bucket, Key="weights/r18.pt", Body=buffer.getvalue()
     )
     cfg = load_config(overrides=[f"storage.s3_endpoint_url={s3_endpoint}"])
-    params = BackboneParams(name="resnet18", weights=f"s3://{s3_bucket}/weights/r18.pt")
+    uri = f"s3://{s3_bucket}/weights/r18.pt"
+    params = ClassifierParams(backbone=BackboneParams(name="resnet18", weights=uri))
     resolved = inputs.resolve_weights(params, cfg)
-    assert not resolved.weights.startswith("s3://")
+    assert not resolved.backbone.weights.startswith("s3://")
+    assert resolved.pooling == params.pooling
     backbone = build_backbone("resnet18")
-    load_backbone_weights(backbone, resolved.weights)
+    load_backbone_weights(backbone, resolved.backbone.weights)
     assert torch.equal(backbone.conv1.weight, state["conv1.weight"])
-    assert inputs.resolve_weights(BackboneParams(), cfg) == BackboneParams()
+    assert inputs.resolve_weights(ClassifierParams(), cfg) == ClassifierParams()
