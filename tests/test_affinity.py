@@ -11,6 +11,7 @@ from wsss.affinity import (
     AffinityLabelParams,
     AffinityNet,
     AffinityNetParams,
+    PairwiseL1,
     affinity_example,
     affinity_label_map,
     affinity_loss,
@@ -21,7 +22,7 @@ from wsss.affinity import (
     train_affinity_net,
 )
 from wsss.backbone import BackboneParams, build_backbone
-from wsss.neighbourhood import offsets
+from wsss.neighbourhood import offsets, pair_valid, shifted
 from wsss.synthetic import Sample, SyntheticParams, render_sample
 from wsss.training import OptimParams
 from wsss.transforms import AugmentParams
@@ -373,3 +374,17 @@ def test_trained_affinity_net_separates_objects_on_held_out_images():
     assert within - across > 0.15
     assert within - across > (within_before - across_before) + 0.1
     assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+
+
+@pytest.mark.parametrize(("h", "w", "radius"), [(7, 6, 3), (3, 2, 4), (9, 9, 5)])
+def test_pairwise_l1_matches_autograd_reference(h, w, radius):
+    torch.manual_seed(0)
+    f = torch.randn(2, 5, h, w, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: PairwiseL1.apply(x, radius), (f,))
+    out = PairwiseL1.apply(f, radius)
+    reference = torch.stack(
+        [(f - shifted(f, dy, dx)).abs().mean(dim=1) for dy, dx in offsets(radius)], dim=1
+    )
+    valid = pair_valid(h, w, radius)[None].expand_as(out)
+    assert torch.allclose(out[valid], reference[valid])
+    assert (out[~valid] == 0).all()

@@ -180,6 +180,51 @@ class AffinityNetParams(Params):
         return sum(self.level_dims)
 
 
+def _pair_slices(height: int, width: int, dy: int, dx: int) -> tuple[tuple, tuple]:
+    """Index tuples (p, q) selecting every in-grid pixel p and its partner q = p + (dy, dx)."""
+    # Empty when the offset reaches past the grid (stop clamped to start: no negative indices).
+    rows = slice(0, max(0, height - dy))
+    col_start = max(0, -dx)
+    cols = slice(col_start, max(col_start, min(width, width - dx)))
+    partner_rows = slice(rows.start + dy, rows.stop + dy)
+    partner_cols = slice(cols.start + dx, cols.stop + dx)
+    return (..., rows, cols), (..., partner_rows, partner_cols)
+
+
+class PairwiseL1(torch.autograd.Function):
+    """mean_c |f[p] - f[p + o_k]| for every offset o_k: (B, D, h, w) -> (B, P, h, w), 0 where
+    p + o_k is off the grid.
+
+    Written by hand because autograd would keep a shifted copy and a (B, D, h, w) difference per
+    offset (P = 34 at radius 5) for the backward pass: at stride 4 that memory traffic cost ~45x
+    the backbone. Here differences are taken between overlapping slices, and the backward pass
+    recomputes them from f alone.
+    """
+
+    @staticmethod
+    def forward(ctx, f: torch.Tensor, radius: int) -> torch.Tensor:
+        ctx.save_for_backward(f)
+        ctx.radius = radius
+        batch, channels, height, width = f.shape
+        out = f.new_zeros(batch, len(offsets(radius)), height, width)
+        for k, (dy, dx) in enumerate(offsets(radius)):
+            p, q = _pair_slices(height, width, dy, dx)
+            out[:, k][p] = (f[p] - f[q]).abs_().mean(dim=1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (f,) = ctx.saved_tensors
+        height, width = f.shape[-2:]
+        grad_f = torch.zeros_like(f)
+        for k, (dy, dx) in enumerate(offsets(ctx.radius)):
+            p, q = _pair_slices(height, width, dy, dx)
+            g = (f[p] - f[q]).sign_().mul_(grad[:, k : k + 1][p] / f.shape[1])
+            grad_f[p] += g  # d|f[p] - f[q]| / df[p] = sign
+            grad_f[q] -= g  # and / df[q] = -sign
+        return grad_f, None
+
+
 class AffinityNet(nn.Module):
     """Backbone levels layer1..layer4, each projected (1x1 conv, GroupNorm, ReLU) and resized to
     the feature-stride grid, concatenated and mixed by a 1x1 conv into the embedding f."""
@@ -223,13 +268,7 @@ class AffinityNet(nn.Module):
         """Affinities (B, P, h, w) of embeddings (B, D, h, w): entry [b, k, y, x] is
         exp(-mean_c |f[p] - f[p + offsets[k]]|), p = (y, x); meaningless where p + offsets[k]
         is off the grid (pair labels and the random walk skip those)."""
-        return torch.stack(
-            [
-                torch.exp(-(f - shifted(f, dy, dx)).abs().mean(dim=1))
-                for dy, dx in offsets(self.params.radius)
-            ],
-            dim=1,
-        )
+        return torch.exp(-PairwiseL1.apply(f, self.params.radius))
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
         """Optimizer groups: trainable backbone parameters at `lr`, the new layers faster."""
