@@ -22,7 +22,7 @@ from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
 from wsss import labeling
 from wsss.affinity import affinity_label_map, train_affinity_net
-from wsss.cam import compute_cams
+from wsss.cam import BackgroundParams, compute_cams
 from wsss.classifier import image_scores, train_classifier
 from wsss.dataset import Manifest
 from wsss.imageio import decode_image, decode_mask
@@ -107,7 +107,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         cams.append(cams_fg)
         if e.mask is not None:
             for thr, matrix in sweep.items():
-                matrix.update(labeling.cam_mask(cams_fg, thr), e.mask)
+                matrix.update(labeling.cam_mask(cams_fg, BackgroundParams(threshold=thr)), e.mask)
         label_map = affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image)
         affinity_samples.append((e.image, label_map))
     t = lap("cam", t)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from wsss.cam import CamParams, add_background, compute_cams, compute_cams_batch
+from wsss.cam import BackgroundParams, CamParams, add_background, compute_cams, compute_cams_batch
 from wsss.classifier import Classifier, ClassifierParams
 from wsss.transforms import normalize
 
@@ -112,20 +112,20 @@ def test_add_background_threshold_and_power():
     cams = np.array(
         [[[0.0, 0.5], [1.0, 0.2]], [[0.1, 0.75], [0.0, 0.0]]], dtype=np.float32
     )  # (K=2, 2, 2)
-    with_threshold = add_background(cams, CamParams(background="threshold", bg_threshold=0.3))
+    with_threshold = add_background(cams, BackgroundParams(method="threshold", threshold=0.3))
     assert isinstance(with_threshold, np.ndarray) and with_threshold.shape == (3, 2, 2)
     np.testing.assert_array_equal(with_threshold[0], np.full((2, 2), 0.3, np.float32))
     np.testing.assert_array_equal(with_threshold[1:], cams)
     assert with_threshold.argmax(0).tolist() == [[0, 2], [1, 0]]
 
-    with_power = add_background(cams, CamParams(background="power", bg_alpha=2.0))
+    with_power = add_background(cams, BackgroundParams(method="power", alpha=2.0))
     expected_bg = np.array([[0.81, 0.0625], [0.0, 0.64]], dtype=np.float32)
     np.testing.assert_allclose(with_power[0], expected_bg, rtol=1e-6)
     assert with_power.argmax(0).tolist() == [[0, 2], [1, 0]]
 
     batch = torch.from_numpy(np.stack([cams, cams[::-1].copy()]))
-    out = add_background(batch, CamParams(background="power", bg_alpha=16.0))
+    out = add_background(batch, BackgroundParams(method="power", alpha=16.0))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3, 2, 2)
     torch.testing.assert_close(out[:, 0], (1 - batch.amax(dim=1)) ** 16)
     with pytest.raises(ValueError, match="K >= 1"):
-        add_background(np.zeros((2, 2), np.float32), CamParams())
+        add_background(np.zeros((2, 2), np.float32), BackgroundParams())

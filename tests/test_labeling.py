@@ -5,7 +5,7 @@ import torch
 from wsss import labeling
 from wsss.affinity import AffinityNet, AffinityNetParams
 from wsss.backbone import BackboneParams
-from wsss.cam import CamParams
+from wsss.cam import BackgroundParams, CamParams
 from wsss.classifier import Classifier, ClassifierParams
 from wsss.crf import CrfParams
 from wsss.pseudo_label import PseudoLabelParams
@@ -26,7 +26,7 @@ def test_cam_mask_uses_constant_background():
     cams = np.zeros((3, 2, 2), np.float32)
     cams[1, 0, 0] = 0.9  # class 2 wins here
     cams[2, 1, 1] = 0.1  # below the threshold: background
-    mask = labeling.cam_mask(cams, bg_threshold=0.15)
+    mask = labeling.cam_mask(cams, BackgroundParams(threshold=0.15))
     assert mask.tolist() == [[2, 0], [0, 0]]
 
 
@@ -68,3 +68,21 @@ def test_walk_with_given_cams_skips_the_classifier(models):
     out = labeling.finish(image, walked, CrfParams(iterations=0), PseudoLabelParams())
     assert (out.cam_mask[:, 14:] == 2).all() and (out.cam_mask[:, :10] == 0).all()
     assert (out.rw_mask[:, 20:] == 2).all() and (out.rw_mask[:, :4] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["power", "threshold"])
+def test_walk_background_methods_and_background_only_images(models, method):
+    _, affinity_net = models
+    image = np.full((24, 24, 3), 128, np.uint8)
+    cams = np.zeros((4, 24, 24), np.float32)
+    cams[0, :, 16:] = 1.0
+    params = RandomWalkParams(logt=2, background=BackgroundParams(method=method, threshold=0.25))
+    walked = labeling.walk(image, [1], None, affinity_net, CamParams(), params, cams_fg=cams)
+    assert walked.rw_scores.shape == (2, 3, 3)
+    if method == "threshold":
+        assert np.allclose(walked.rw_scores[0], 0.25)  # the constant, set after the walk
+        assert np.isclose(walked.rw_scores[1].max(), 1.0)  # each class rescaled to peak at 1
+    empty = labeling.walk(image, [], None, affinity_net, CamParams(), params)
+    assert empty.channels == (0,) and not empty.cam_mask.any()
+    out = labeling.finish(image, empty, CrfParams(), PseudoLabelParams())
+    assert not out.mask.any() and not out.rw_mask.any()

@@ -19,16 +19,23 @@ from wsss.transforms import check_image, normalize
 Maps = TypeVar("Maps", np.ndarray, torch.Tensor)
 
 
+class BackgroundParams(Params):
+    """The background score set beside foreground scores in [0, 1]: a constant `threshold`
+    (IRN) or `(1 - max_c score) ** alpha` (PSA). Where it beats every class, a pixel is
+    background; the CAM stage and the random walk each have their own."""
+
+    method: Literal["threshold", "power"] = "threshold"
+    threshold: float = Field(default=0.15, ge=0, le=1)
+    alpha: float = Field(default=16.0, gt=0)
+
+
 class CamParams(Params):
     """Multi-scale inference and the background score used to turn CAMs into a segmentation."""
 
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
-    # "threshold": constant background score bg_threshold (IRN);
-    # "power": (1 - max_c cam) ** bg_alpha (PSA).
-    background: Literal["threshold", "power"] = "threshold"
-    bg_threshold: float = Field(default=0.15, ge=0, le=1)
-    bg_alpha: float = Field(default=16.0, gt=0)
+    # IRN evaluates CAMs with a constant background of 0.15.
+    background: BackgroundParams = BackgroundParams()
 
     @field_validator("scales")
     @classmethod
@@ -112,17 +119,17 @@ def compute_cams(
     return cams[0].cpu().numpy()
 
 
-def add_background(cams_fg: Maps, params: CamParams) -> Maps:
+def add_background(cams_fg: Maps, params: BackgroundParams) -> Maps:
     """Prepend a background channel to foreground CAMs (K, H, W) or (B, K, H, W): the constant
-    `bg_threshold`, or `(1 - max_c cam) ** bg_alpha`. Numpy in, numpy out; tensor in, tensor out.
+    `threshold`, or `(1 - max_c cam) ** alpha`. Numpy in, numpy out; tensor in, tensor out.
     """
     cams = torch.from_numpy(cams_fg) if isinstance(cams_fg, np.ndarray) else cams_fg
     if cams.ndim not in (3, 4) or cams.shape[-3] == 0:
         raise ValueError(f"cams must be (K, H, W) or (B, K, H, W) with K >= 1, got {cams.shape}")
     fg_max = cams.amax(dim=-3, keepdim=True)
-    if params.background == "threshold":
-        background = torch.full_like(fg_max, params.bg_threshold)
+    if params.method == "threshold":
+        background = torch.full_like(fg_max, params.threshold)
     else:
-        background = (1 - fg_max).clamp(0, 1) ** params.bg_alpha
+        background = (1 - fg_max).clamp(0, 1) ** params.alpha
     out = torch.cat([background, cams], dim=-3)
     return out.numpy() if isinstance(cams_fg, np.ndarray) else out

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from wsss import random_walk
 from wsss.affinity import AffinityNet, predict_affinity
-from wsss.cam import CamParams, add_background, compute_cams
+from wsss.cam import BackgroundParams, CamParams, add_background, compute_cams
 from wsss.classifier import Classifier
 from wsss.crf import CrfParams, dense_crf
 from wsss.pseudo_label import PseudoLabelParams, finalize, normalize_scores
@@ -45,10 +45,9 @@ class Labelled:
     ignore_fraction: float
 
 
-def cam_mask(cams_fg: np.ndarray, bg_threshold: float) -> np.ndarray:
-    """Segmentation from foreground CAMs (K, H, W) with a constant background score (IRN)."""
-    scores = add_background(cams_fg, CamParams(background="threshold", bg_threshold=bg_threshold))
-    return scores.argmax(axis=0).astype(np.uint8)
+def cam_mask(cams_fg: np.ndarray, background: BackgroundParams) -> np.ndarray:
+    """Segmentation (H, W) class indices from foreground CAMs (K, H, W) and a background."""
+    return add_background(cams_fg, background).argmax(axis=0).astype(np.uint8)
 
 
 def grid_scores(scores: torch.Tensor, stride: int) -> torch.Tensor:
@@ -76,20 +75,29 @@ def walk(
     CAM computation when the caller already has this image's CAMs (K, H, W)."""
     labels = sorted(set(int(c) for c in labels))
     channels = (0, *labels)
+    stride = affinity_net.stride
+    if not labels:  # a background-only image: nothing to compute
+        grid = tuple(-(-side // stride) for side in image.shape[:2])
+        return Walked(
+            channels, np.zeros(image.shape[:2], np.uint8), np.ones((1, *grid), np.float32), stride
+        )
     if cams_fg is None:
         cams_fg = compute_cams(classifier, image, labels, cam_params)
-    # PSA: the walk starts from CAMs with background (1 - max)^alpha, whatever the CAM-stage
-    # background method is.
-    power = cam_params.model_copy(update={"background": "power"})
-    scores = add_background(torch.from_numpy(cams_fg), power)[list(channels)]
+    fg = torch.from_numpy(cams_fg[[c - 1 for c in labels]])
+    background = rw_params.background
     device = next(affinity_net.parameters()).device
-    stride = affinity_net.stride
-    seeds = grid_scores(scores.to(device), stride)
     affinity = predict_affinity(affinity_net, image).to(device)
+    # PSA ("power") walks the background as a channel of its own; IRN ("threshold") walks the
+    # classes alone, rescales each to peak at 1 and then sets the constant background.
+    power = background.method == "power"
+    seeds = grid_scores((add_background(fg, background) if power else fg).to(device), stride)
     walked = random_walk.propagate(seeds, affinity, affinity_net.params.radius, rw_params)
+    if not power:
+        walked = walked / walked.amax(dim=(1, 2), keepdim=True).clamp_min(1e-5)
+        walked = add_background(walked, background)
     return Walked(
         channels=channels,
-        cam_mask=cam_mask(cams_fg, cam_params.bg_threshold),
+        cam_mask=cam_mask(cams_fg, cam_params.background),
         rw_scores=walked.float().cpu().numpy(),
         stride=stride,
     )

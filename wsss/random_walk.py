@@ -15,15 +15,22 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from wsss.cam import BackgroundParams
 from wsss.neighbourhood import offsets, pair_valid
 from wsss.params import Params
 
 
 class RandomWalkParams(Params):
-    """Sharpening and length of the walk (PSA's defaults)."""
+    """Sharpening and length of the walk (PSA's defaults), and the background it is seeded with.
+
+    Background "power" (PSA, alpha 16) walks (1 - max cam)^alpha as a channel of its own;
+    "threshold" (IRN) walks the foreground alone, rescales each class to peak at 1 and then
+    compares it with the constant threshold (IRN uses 0.25 there).
+    """
 
     beta: float = Field(8.0, gt=0, description="exponent applied to affinities: A = a**beta")
     logt: int = Field(8, ge=0, le=16, description="log2 of the number of walk steps")
+    background: BackgroundParams = BackgroundParams(method="power", threshold=0.25, alpha=16.0)
 
     @property
     def steps(self) -> int:
