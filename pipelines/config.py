@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipelines.storage import StorageConfig
 from wsss.affinity import AffinityLabelParams, AffinityNetParams
+from wsss.backbone import BackboneParams
 from wsss.cam import CamParams
 from wsss.classifier import ClassifierParams
 from wsss.crf import CrfParams
@@ -61,17 +62,26 @@ class SyntheticConfig(Section):
     params: SyntheticParams = SyntheticParams()
 
 
+# The run defaults are the embedded demo: the synthetic dataset on a CPU, from random weights
+# (no pretrained weights are reachable offline). Each wsss Params model keeps the method's
+# reference values (IRN: ResNet-50, SGD lr 0.1 with the head at 10x); configs/voc_irn.yaml sets
+# them back for real data with ImageNet weights. From a random start SGD barely learns in a few
+# epochs, hence AdamW here; ResNet-18 keeps the demo within minutes on two cores.
+DEMO_BACKBONE = BackboneParams(name="resnet18")
+DEMO_OPTIM = OptimParams(algorithm="adamw", lr=1e-3, head_lr_mult=1.0)
+
+
 class ClassifierConfig(Section):
-    model: ClassifierParams = ClassifierParams()
+    model: ClassifierParams = ClassifierParams(backbone=DEMO_BACKBONE)
     augment: AugmentParams = AugmentParams()
-    optim: OptimParams = OptimParams()
+    optim: OptimParams = DEMO_OPTIM.model_copy(update={"epochs": 12})
 
 
 class AffinityConfig(Section):
     labels: AffinityLabelParams = AffinityLabelParams()
-    model: AffinityNetParams = AffinityNetParams()
+    model: AffinityNetParams = AffinityNetParams(backbone=DEMO_BACKBONE)
     augment: AugmentParams = AugmentParams()
-    optim: OptimParams = OptimParams()
+    optim: OptimParams = DEMO_OPTIM.model_copy(update={"epochs": 3})
 
 
 class RayConfig(Section):

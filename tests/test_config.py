@@ -65,3 +65,13 @@ def test_bad_files_and_override_syntax(tmp_path):
         apply_override({}, "noequals")
     with pytest.raises(ConfigError, match="not a section"):
         apply_override({"name": "x"}, "name.inner=1")
+
+
+def test_shipped_config_files_validate():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert files, "configs/ holds example configurations"
+    for path in files:
+        cfg = load_config(path)
+        assert cfg.name  # every shipped file is a complete, valid run description
