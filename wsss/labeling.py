@@ -69,10 +69,11 @@ def walk(
     cam_params: CamParams,
     rw_params: random_walk.RandomWalkParams,
     cams_fg: np.ndarray | None = None,
+    affinity: torch.Tensor | None = None,
 ) -> Walked:
     """CAMs, affinities and the random walk for one uint8 (H, W, 3) image with class indices
-    `labels` (1..K). Runs on the models' device; returns CPU numpy arrays. `cams_fg` skips the
-    CAM computation when the caller already has this image's CAMs (K, H, W)."""
+    `labels` (1..K). Runs on the models' device; returns CPU numpy arrays. `cams_fg` (K, H, W)
+    and `affinity` (P, h, w) skip computing them when the caller has them already."""
     labels = sorted(set(int(c) for c in labels))
     channels = (0, *labels)
     stride = affinity_net.stride
@@ -86,7 +87,9 @@ def walk(
     fg = torch.from_numpy(cams_fg[[c - 1 for c in labels]])
     background = rw_params.background
     device = next(affinity_net.parameters()).device
-    affinity = predict_affinity(affinity_net, image).to(device)
+    if affinity is None:
+        affinity = predict_affinity(affinity_net, image)
+    affinity = affinity.to(device)
     # PSA ("power") walks the background as a channel of its own; IRN ("threshold") walks the
     # classes alone, rescales each to peak at 1 and then sets the constant background.
     power = background.method == "power"
