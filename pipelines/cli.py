@@ -10,9 +10,13 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError, RunConfig, load_config
 from wsss.dataset import ManifestError
+
+if TYPE_CHECKING:
+    from pipelines.model_record import ModelRecord
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +59,26 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_record(record: ModelRecord) -> None:
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.metrics.items())
+    print(f"{record.stage}: {record.epochs} epoch(s), last epoch: {metrics}")
+    print(f"checkpoint {record.checkpoint_uri}")
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    from pipelines import train_classifier
+
+    _print_record(train_classifier.run(_config(args)))
+    return 0
+
+
+def cmd_train_affinity(args: argparse.Namespace) -> int:
+    from pipelines import train_affinity
+
+    _print_record(train_affinity.run(_config(args), args.classifier))
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.schema:
         print(json.dumps(RunConfig.model_json_schema(), indent=2))
@@ -69,6 +93,14 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "run-local": (
         cmd_run_local,
         "run every stage in this process (no Ray) and print mIoU per stage",
+    ),
+    "train-classifier": (
+        cmd_train_classifier,
+        "train the classifier with Ray Train (resumes the run's last checkpoint)",
+    ),
+    "train-affinity": (
+        cmd_train_affinity,
+        "train AffinityNet with Ray Train on the classifier's CAMs (resumes likewise)",
     ),
     "config": (cmd_config, "print the resolved configuration (or its JSON schema)"),
 }
@@ -92,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, help="number of images (synthetic.n)")
     synth.add_argument("--seed", type=int, help="seed (synthetic.seed)")
     synth.add_argument("--preview", metavar="PNG", help="also write a contact sheet of samples")
+    parsers["train-affinity"].add_argument(
+        "--classifier",
+        metavar="URI",
+        help="model record of the classifier (default: the run's models/classifier.json)",
+    )
     parsers["config"].add_argument(
         "--schema", action="store_true", help="print the JSON schema of the configuration"
     )

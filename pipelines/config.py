@@ -91,6 +91,25 @@ class RayConfig(Section):
     train_workers: int = Field(1, ge=1, description="Ray Train workers per training job.")
     use_gpu: bool = Field(False, description="Train and run model stages on GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="Worker failures a training run recovers from, each time from its last "
+        "checkpoint; -1 = unlimited.",
+    )
+    rows_per_block: int = Field(
+        64,
+        ge=1,
+        description="Images per Ray Data block (one task decodes and augments a block): larger "
+        "blocks cost less per image, smaller ones shuffle more finely.",
+    )
+    model_actors: int = Field(
+        1, ge=1, description="Actors running a model inside a Ray Data stage (e.g. CAMs)."
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per model actor.")
+    gpus_per_actor: float = Field(
+        1.0, gt=0, le=1, description="GPUs reserved per model actor when use_gpu is set."
+    )
 
 
 class RunConfig(Section):

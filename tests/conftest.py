@@ -36,3 +36,19 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint: str) -> dict:
+    """One local Ray instance for the whole session (two on one machine break each other).
+
+    4 logical CPUs on the 2-core machine, so training workers and actor pools leave room for
+    Ray Data's tasks. It starts after the S3 server, so its processes inherit the credentials.
+    Returns the cluster's resources."""
+    import ray
+
+    # Ray Train polls its workers this often; the default 2 s dominates the teardown of tiny runs.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield ray.cluster_resources()
+    ray.shutdown()

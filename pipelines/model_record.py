@@ -1,0 +1,113 @@
+"""Model records: the small JSON file through which later stages find a trained network.
+
+A finished training writes `<run>/models/<stage>.json` naming its last checkpoint, the sha256 of
+the weights in it, the class list, the architecture, the config hash and the final metrics.
+Later stages (AffinityNet training, labeling) load the network from the record's URI, local or
+s3://. Loading checks the digest and uses `torch.load(..., weights_only=True)`: a checkpoint is
+data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipelines import storage
+from pipelines.config import RunConfig
+from wsss.affinity import AffinityNet, AffinityNetParams
+from wsss.classifier import Classifier, ClassifierParams
+
+Stage = Literal["classifier", "affinity"]
+# Files of a training checkpoint folder.
+WEIGHTS_FILE = "model.pt"  # the network's state dict
+TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and step count, for resuming
+META_FILE = "meta.json"  # epoch, classes, architecture, config, metrics
+
+
+class ModelRecord(BaseModel):
+    """What a later stage needs to rebuild a trained network and to say which one it used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: Stage
+    checkpoint_uri: str
+    weights_uri: str
+    weights_sha256: str
+    classes: list[str]
+    backbone: str
+    model: dict[str, Any]  # the ClassifierParams / AffinityNetParams the network was built with
+    epochs: int
+    config_hash: str
+    metrics: dict[str, float]
+    skipped_examples: list[str]  # a few unreadable rows training skipped ("id (uri): reason")
+    created_at: str
+
+
+def record_uri(cfg: RunConfig, stage: Stage) -> str:
+    """Where the run's training of `stage` writes its record."""
+    return storage.join(cfg.run_uri, "models", f"{stage}.json")
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_record(record: ModelRecord, uri: str, cfg: RunConfig) -> None:
+    storage.write_bytes(uri, record.model_dump_json(indent=2).encode(), cfg.storage)
+
+
+def read_record(uri: str, cfg: RunConfig) -> ModelRecord:
+    """The record at `uri`; a ValueError names the URI and what is wrong with it."""
+    try:
+        data = json.loads(storage.read_bytes(uri, cfg.storage))
+    except OSError as exc:
+        raise FileNotFoundError(f"model record {uri}: cannot read it: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model record {uri}: not JSON: {exc}") from None
+    try:
+        return ModelRecord.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ValueError(f"model record {uri}: {problems}") from None
+
+
+def load_weights(record: ModelRecord, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The state dict the record names, after checking its sha256."""
+    data = storage.read_bytes(record.weights_uri, cfg.storage)
+    digest = sha256_hex(data)
+    if digest != record.weights_sha256:
+        raise ValueError(
+            f"{record.weights_uri}: sha256 {digest} does not match the record's "
+            f"{record.weights_sha256} (the checkpoint changed after the record was written)"
+        )
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _expect_stage(record: ModelRecord, stage: Stage, uri: str) -> None:
+    if record.stage != stage:
+        raise ValueError(f"model record {uri} is for the {record.stage}, not the {stage}")
+
+
+def load_classifier(uri: str, cfg: RunConfig) -> Classifier:
+    """The classifier of the record at `uri`, on the CPU, in eval mode."""
+    record = read_record(uri, cfg)
+    _expect_stage(record, "classifier", uri)
+    model = Classifier(len(record.classes) - 1, ClassifierParams.model_validate(record.model))
+    model.load_state_dict(load_weights(record, cfg))
+    return model.eval()
+
+
+def load_affinity_net(uri: str, cfg: RunConfig) -> AffinityNet:
+    """The AffinityNet of the record at `uri`, on the CPU, in eval mode."""
+    record = read_record(uri, cfg)
+    _expect_stage(record, "affinity", uri)
+    model = AffinityNet(AffinityNetParams.model_validate(record.model))
+    model.load_state_dict(load_weights(record, cfg))
+    return model.eval()

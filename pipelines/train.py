@@ -1,0 +1,458 @@
+"""Ray Train plumbing shared by `wsss train-classifier` and `wsss train-affinity`.
+
+A stage describes its network in a `TrainJob` and builds a Ray Data dataset of ready training
+examples: `image_dataset` streams the manifest's images (fetched and decoded in Ray Data tasks,
+unreadable ones skipped and counted), the stage's own `map_batches` steps augment them.
+`run_training` then runs a `TorchTrainer`: every worker trains its shard with the loop of
+`wsss.training` (DDP through `prepare_model`, gloo on CPUs, NCCL on GPUs), reports each epoch's
+metrics with a checkpoint to `<run>/train/<stage>/`, and the driver writes the model record. A
+run started again under the same run name resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipelines import storage
+from pipelines.config import ConfigError, RunConfig
+from pipelines.model_record import (
+    META_FILE,
+    TRAIN_STATE_FILE,
+    WEIGHTS_FILE,
+    ModelRecord,
+    Stage,
+    record_uri,
+    sha256_hex,
+    write_record,
+)
+from wsss.affinity import AffinityNetParams
+from wsss.classifier import ClassifierParams
+from wsss.dataset import Manifest
+from wsss.imageio import ImageDecodeError, decode_image
+from wsss.training import (
+    Batch,
+    OptimParams,
+    StepLoss,
+    fit,
+    make_optimizer,
+    make_scheduler,
+)
+
+logger = logging.getLogger(__name__)
+
+# Unreadable rows whose messages are kept for the model record (all of them are counted).
+KEPT_SKIP_MESSAGES = 20
+
+
+class InsufficientResourcesError(ConfigError):
+    """The Ray cluster lacks the CPUs or GPUs the configuration asks for: Ray would wait for
+    them without end."""
+
+
+def connect(cfg: RunConfig) -> None:
+    """Join the cluster at `ray.address` (or start a local Ray) unless already connected."""
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address)
+
+
+def check_resources(cfg: RunConfig, actors: int = 0) -> None:
+    """Raise InsufficientResourcesError unless the cluster can host the training workers,
+    `actors` model actors and one CPU for Ray Data's tasks, each worker and actor on one node.
+
+    Reads `ray.cluster_resources()`: on an autoscaling cluster this is the current size."""
+    r = cfg.ray
+    worker_gpus = 1.0 if r.use_gpu else 0.0
+    actor_gpus = r.gpus_per_actor if r.use_gpu else 0.0
+    total = ray.cluster_resources()
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    problems = []
+    cpus = r.train_workers * r.cpus_per_worker + actors * r.cpus_per_actor + 1
+    if cpus > total.get("CPU", 0):
+        actor_part = f" + ray.model_actors {actors} x {r.cpus_per_actor:g}" if actors else ""
+        problems.append(
+            f"{cpus:g} CPUs (ray.train_workers {r.train_workers} x ray.cpus_per_worker "
+            f"{r.cpus_per_worker:g}{actor_part} + 1 for Ray Data tasks) but the cluster has "
+            f"{total.get('CPU', 0):g}"
+        )
+    gpus = r.train_workers * worker_gpus + actors * actor_gpus
+    if gpus > total.get("GPU", 0):
+        actor_part = f" + ray.model_actors {actors} x {actor_gpus:g}" if actors else ""
+        problems.append(
+            f"{gpus:g} GPUs (ray.use_gpu: ray.train_workers {r.train_workers} x 1{actor_part}) "
+            f"but the cluster has {total.get('GPU', 0):g}"
+        )
+    needs = [("a training worker", {"CPU": r.cpus_per_worker, "GPU": worker_gpus})]
+    if actors:
+        needs.append(("a model actor", {"CPU": r.cpus_per_actor, "GPU": actor_gpus}))
+    for what, need in needs:
+        if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
+            wanted = " and ".join(f"{v:g} {k}" for k, v in need.items() if v)
+            problems.append(f"{wanted} on one node for {what}, but no node has that much")
+    if problems:
+        gpu_hint = ", set ray.use_gpu=false" if r.use_gpu else ""
+        raise InsufficientResourcesError(
+            "the Ray cluster cannot host this training: it needs "
+            + "; and ".join(problems)
+            + f". Lower ray.train_workers or the CPUs per worker or actor{gpu_hint}, or use a "
+            "bigger cluster."
+        )
+
+
+@ray.remote(num_cpus=0)
+class SkippedRows:
+    """Counts the manifest rows whose image could not be read or decoded, between `take`s."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._messages: dict[str, None] = {}  # first few distinct messages, in order
+
+    def add(self, messages: list[str]) -> None:
+        self._count += len(messages)
+        for message in messages:
+            if len(self._messages) < KEPT_SKIP_MESSAGES:
+                self._messages[message] = None
+
+    def take(self) -> int:
+        """Rows skipped since the last call."""
+        count, self._count = self._count, 0
+        return count
+
+    def messages(self) -> list[str]:
+        return list(self._messages)
+
+
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of `arrays` (a Ray Data column of differently shaped arrays)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out
+
+
+def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[str, np.ndarray]:
+    """Ray Data step: fetch and decode each row's image -> {"image_id", "image": uint8 (H, W, 3)
+    each, "labels": class indices each}. A row whose bytes cannot be fetched or decoded is
+    dropped, logged and reported to the `SkippedRows` actor `skipped`, never fatal."""
+    ids, images, labels, problems = [], [], [], []
+    for image_id, uri, row_labels in zip(
+        batch["image_id"], batch["image"], batch["labels"], strict=True
+    ):
+        try:
+            data = storage.read_bytes(str(uri), cfg.storage)
+            images.append(decode_image(data, cfg.dataset.max_pixels))
+        except (OSError, ImageDecodeError) as err:
+            problems.append(f"{image_id} ({uri}): {err}")
+            continue
+        ids.append(str(image_id))
+        labels.append(np.asarray(row_labels, dtype=np.int64))
+    if problems:
+        logger.warning("skipping %d unreadable image(s): %s", len(problems), "; ".join(problems))
+        # Waited for, so every count is in before the epoch's data is exhausted.
+        ray.get(skipped.add.remote(problems))
+    return {
+        "image_id": np.array(ids, dtype=object),
+        "image": ragged(images),
+        "labels": ragged(labels),
+    }
+
+
+def image_dataset(manifest: Manifest, cfg: RunConfig, skipped) -> ray.data.Dataset:
+    """The manifest's images, decoded in Ray Data tasks, as {"image_id", "image", "labels"}
+    rows. Only the rows' URIs live on the driver. The rows are shuffled once into blocks of
+    `ray.rows_per_block`, and every epoch visits the blocks in a new order (from `cfg.seed`);
+    the workers' local shuffle buffers mix rows across neighbouring blocks."""
+    order = np.random.default_rng(cfg.seed).permutation(len(manifest.rows))
+    rows = [
+        {"image_id": row.image_id, "image": row.image, "labels": manifest.label_indices(row)}
+        for row in (manifest.rows[i] for i in order)
+    ]
+    rows_per_block = cfg.ray.rows_per_block
+    blocks = max(1, math.ceil(len(rows) / rows_per_block))
+    return (
+        ray.data.from_items(rows, override_num_blocks=blocks)
+        .randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed))
+        .map_batches(
+            decode_rows,
+            fn_kwargs={"cfg": cfg, "skipped": skipped},
+            batch_size=rows_per_block,
+            batch_format="numpy",
+        )
+    )
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One stage's training, as every Ray Train worker receives it (pickled)."""
+
+    stage: Stage
+    cfg: RunConfig
+    classes: list[str]
+    model_params: ClassifierParams | AffinityNetParams
+    optim: OptimParams
+    build_model: Callable[[], nn.Module]  # the network at its initial weights, on the CPU
+    step_loss: StepLoss
+    n_rows: int  # manifest rows: sets the length of the learning-rate schedule
+    skipped: Any  # the SkippedRows actor the dataset reports to
+
+    @property
+    def batch_per_worker(self) -> int:
+        """`optim.batch_size` is the global batch: each worker takes its share (rounded up)."""
+        return math.ceil(self.optim.batch_size / self.cfg.ray.train_workers)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        # Ray Train gives every worker the same number of rows (up to workers - 1 are dropped).
+        rows_per_worker = self.n_rows // self.cfg.ray.train_workers
+        return math.ceil(rows_per_worker / self.batch_per_worker)
+
+
+def run_training(
+    job: TrainJob, dataset: ray.data.Dataset, log: Callable[[str], None] = print
+) -> ModelRecord:
+    """Train `job` on `dataset` (rows of training examples) with a TorchTrainer, then write
+    and return the model record. Resumes from the run's last checkpoint when there is one."""
+    cfg = job.cfg
+    if job.steps_per_epoch < 1:
+        raise ValueError(
+            f"{job.n_rows} images cannot be shared among ray.train_workers "
+            f"{cfg.ray.train_workers}: every worker needs at least one"
+        )
+    train_root = storage.join(cfg.run_uri, "train")
+    filesystem, path = storage.filesystem(train_root, cfg.storage)
+    gpus = {"GPU": 1.0} if cfg.ray.use_gpu else {}
+    trainer = ray.train.torch.TorchTrainer(
+        _train_worker,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.train_workers,
+            use_gpu=cfg.ray.use_gpu,  # NCCL then, gloo otherwise
+            resources_per_worker={"CPU": cfg.ray.cpus_per_worker, **gpus},
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.stage,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    log(
+        f"training the {job.stage} on {cfg.ray.train_workers} worker(s), checkpoints in "
+        f"{storage.join(train_root, job.stage)}"
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"the {job.stage} training finished without a checkpoint")
+    root = "s3://" if storage.is_s3(train_root) else ""
+    checkpoint_uri = root + result.checkpoint.path
+    meta = json.loads(storage.read_bytes(storage.join(checkpoint_uri, META_FILE), cfg.storage))
+    skipped_examples = ray.get(job.skipped.messages.remote())
+    record = ModelRecord(
+        stage=job.stage,
+        checkpoint_uri=checkpoint_uri,
+        weights_uri=storage.join(checkpoint_uri, WEIGHTS_FILE),
+        weights_sha256=meta["weights_sha256"],
+        classes=meta["classes"],
+        backbone=meta["model"]["backbone"]["name"],
+        model=meta["model"],
+        epochs=meta["epoch"] + 1,
+        config_hash=meta["config_hash"],
+        metrics=meta["metrics"],
+        skipped_examples=skipped_examples,
+        created_at=meta["created_at"],
+    )
+    uri = record_uri(cfg, job.stage)
+    write_record(record, uri, cfg)
+    for message in skipped_examples:
+        log(f"  skipped unreadable image {message}")
+    log(f"wrote the {job.stage} model record {uri}")
+    return record
+
+
+# --- inside each Ray Train worker -------------------------------------------------------------
+
+
+class _ThroughDDP:
+    """A model as step losses use it: calls go through the DDP wrapper (so gradients are
+    averaged across workers), attributes (`affinities`, `params`) come from the network."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model = model
+
+    def __call__(self, *args, **kwargs):
+        return self._model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(getattr(self._model, "module", self._model), name)
+
+
+def _ddp_step_loss(step_loss: StepLoss) -> StepLoss:
+    def step(model: nn.Module, batch: Batch):
+        return step_loss(_ThroughDDP(model), batch)
+
+    return step
+
+
+def _train_worker(config: dict) -> None:
+    job: TrainJob = config["job"]
+    cfg, optim = job.cfg, job.optim
+    rank0 = ray.train.get_context().get_world_rank() == 0
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    model = job.build_model()
+    checkpoint = ray.train.get_checkpoint()
+    resumed = _read_checkpoint(checkpoint, job) if checkpoint is not None else None
+    if resumed is not None:
+        model.load_state_dict(resumed["weights"])
+    ddp_model = ray.train.torch.prepare_model(model)
+    optimizer = make_optimizer(model.param_groups(optim.lr, optim.head_lr_mult), optim)
+    scheduler = make_scheduler(optimizer, job.steps_per_epoch * optim.epochs, optim)
+    start_epoch = 0
+    if resumed is not None:
+        _resume_schedule(optimizer, scheduler, resumed["train_state"])
+        start_epoch = resumed["meta"]["epoch"] + 1
+    if rank0:
+        ray.get(job.skipped.take.remote())  # drop what an interrupted attempt counted
+    shard = ray.train.get_dataset_shard("train")
+
+    def epoch_batches(epoch: int):
+        return shard.iter_torch_batches(
+            batch_size=job.batch_per_worker,
+            local_shuffle_buffer_size=4 * job.batch_per_worker,
+            prefetch_batches=2,
+        )
+
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        metrics = _across_workers(metrics, device)
+        # Every worker has exhausted the epoch's data here, so all its skips are counted.
+        skipped = ray.get(job.skipped.take.remote()) if rank0 else 0
+        metrics.update(skipped_images=float(skipped), workers=float(cfg.ray.train_workers))
+        with tempfile.TemporaryDirectory() as folder:
+            saved = None
+            if rank0:
+                _write_checkpoint(Path(folder), job, model, optimizer, scheduler, epoch, metrics)
+                saved = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
+
+    fit(
+        ddp_model,
+        epoch_batches,
+        _ddp_step_loss(job.step_loss),
+        optimizer,
+        scheduler,
+        optim.epochs,
+        device,
+        start_epoch=start_epoch,
+        on_epoch_end=on_epoch_end,
+    )
+
+
+def _across_workers(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """One epoch's metrics over all workers: sample-weighted means of the losses, the summed
+    samples, the slowest worker's seconds and the throughput they give."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(metrics)
+    counters = ("steps", "samples", "seconds", "samples_per_s", "epoch")
+    means = sorted(k for k in metrics if k not in counters)
+    samples = metrics["samples"]
+    sums = torch.tensor(
+        [samples, *(metrics[k] * samples for k in means)], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(sums)
+    seconds = torch.tensor([metrics["seconds"]], dtype=torch.float64, device=device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    total, slowest = sums[0].item(), seconds.item()
+    out = {k: sums[i + 1].item() / total for i, k in enumerate(means)}
+    out.update(
+        epoch=metrics["epoch"],
+        steps=metrics["steps"],
+        samples=total,
+        seconds=slowest,
+        samples_per_s=total / slowest if slowest > 0 else math.inf,
+    )
+    return out
+
+
+def _write_checkpoint(
+    folder: Path,
+    job: TrainJob,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    epoch: int,
+    metrics: dict[str, float],
+) -> None:
+    """model.pt (state dict), train_state.pt (optimizer, steps) and meta.json (DESIGN §4.3)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    weights = buffer.getvalue()
+    (folder / WEIGHTS_FILE).write_bytes(weights)
+    train_state = {"optimizer": optimizer.state_dict(), "steps": scheduler.last_epoch}
+    torch.save(train_state, folder / TRAIN_STATE_FILE)
+    meta = {
+        "stage": job.stage,
+        "epoch": epoch,
+        "classes": job.classes,
+        "model": job.model_params.model_dump(mode="json"),
+        "config": job.cfg.model_dump(mode="json"),
+        "config_hash": job.cfg.hash(),
+        "metrics": metrics,
+        "weights_sha256": sha256_hex(weights),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def _read_checkpoint(checkpoint: ray.train.Checkpoint, job: TrainJob) -> dict:
+    """The weights, training state and meta of the checkpoint a run resumes from, after
+    checking it was trained for the same network and classes."""
+    with checkpoint.as_directory() as folder:
+        meta = json.loads((Path(folder) / META_FILE).read_text())
+        model = job.model_params.model_dump(mode="json")
+        if meta["stage"] != job.stage or meta["model"] != model or meta["classes"] != job.classes:
+            raise ConfigError(
+                f"checkpoint {checkpoint.path} of this run name was trained for another "
+                f"network or class list ({meta['stage']}, {meta['model']}, {meta['classes']}); "
+                "choose a new run name to start afresh"
+            )
+        load = {"map_location": "cpu", "weights_only": True}
+        return {
+            "meta": meta,
+            "weights": torch.load(Path(folder) / WEIGHTS_FILE, **load),
+            "train_state": torch.load(Path(folder) / TRAIN_STATE_FILE, **load),
+        }
+
+
+def _resume_schedule(
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train_state: dict,
+) -> None:
+    """Restore the optimizer's moments and move the fresh scheduler to the saved step. The
+    learning rates follow this run's schedule, which is longer when epochs were added."""
+    optimizer.load_state_dict(train_state["optimizer"])
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = group["initial_lr"] = base_lr
+    with warnings.catch_warnings():
+        # Stepping a scheduler before its optimizer warns; here it only replays the schedule.
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(train_state["steps"]):
+            scheduler.step()

@@ -1,0 +1,135 @@
+"""`wsss train-affinity`: AffinityNet trained with Ray Train on labels from the classifier's CAMs.
+
+The affinity labels are a Ray Data stage: an actor pool loads the trained classifier from its
+model record once per actor and turns each decoded image into CAMs and an affinity label map
+(`wsss.affinity.affinity_label_map`); Ray Data tasks augment image and map jointly and the
+examples stream to the trainer, never through the driver. They are recomputed every epoch
+(deterministic, so every epoch sees the same labels) instead of being stored. AffinityNet's
+backbone starts from the classifier's, as in `wsss run-local`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+import ray
+
+from pipelines.config import RunConfig
+from pipelines.inputs import load_manifest
+from pipelines.model_record import ModelRecord, load_classifier, read_record, record_uri
+from pipelines.train import (
+    SkippedRows,
+    TrainJob,
+    check_resources,
+    connect,
+    image_dataset,
+    ragged,
+    run_training,
+)
+from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
+from wsss.backbone import load_backbone_weights
+from wsss.cam import compute_cams
+from wsss.dataset import Manifest
+from wsss.training import default_device
+from wsss.transforms import AugmentParams
+
+
+class AffinityLabeler:
+    """Ray Data actor: decoded rows -> {"image_id", "image", "label_map"}, the affinity label
+    map uint8 (H, W) of each image from the classifier's CAMs."""
+
+    def __init__(self, classifier_record: str, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        # The actor sees only the GPU Ray gave it (if any): default_device picks it.
+        self.model = load_classifier(classifier_record, cfg).to(default_device())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        label_maps = []
+        for image, labels in zip(batch["image"], batch["labels"], strict=True):
+            cams = compute_cams(self.model, image, labels, self.cfg.cam)
+            label_maps.append(affinity_label_map(cams, labels, self.cfg.affinity.labels, image))
+        return {
+            "image_id": batch["image_id"],
+            "image": batch["image"],
+            "label_map": ragged(label_maps),
+        }
+
+
+def affinity_examples(
+    batch: dict[str, np.ndarray], augment_params: AugmentParams, stride: int
+) -> dict[str, np.ndarray]:
+    """Ray Data step: {"image", "label_map"} rows -> {"image": float32 (B, 3, S, S), "label":
+    uint8 (B, S/stride, S/stride)}, augmented from fresh entropy (see the classifier's)."""
+    rng = np.random.default_rng()
+    examples = [
+        affinity_example(image, label_map, rng, augment_params, stride)
+        for image, label_map in zip(batch["image"], batch["label_map"], strict=True)
+    ]
+    return {key: np.stack([e[key] for e in examples]) for key in ("image", "label")}
+
+
+def affinity_label_dataset(
+    manifest: Manifest, cfg: RunConfig, classifier_record: str, skipped
+) -> ray.data.Dataset:
+    """The manifest's images with their affinity label maps, computed by an actor pool of
+    `ray.model_actors` classifiers (each with `ray.cpus_per_actor` CPUs, and
+    `ray.gpus_per_actor` GPUs when `ray.use_gpu`)."""
+    r = cfg.ray
+    return image_dataset(manifest, cfg, skipped).map_batches(
+        AffinityLabeler,
+        fn_constructor_kwargs={"classifier_record": classifier_record, "cfg": cfg},
+        compute=ray.data.ActorPoolStrategy(size=r.model_actors),
+        num_cpus=r.cpus_per_actor,
+        num_gpus=r.gpus_per_actor if r.use_gpu else 0,
+        batch_size=r.rows_per_block,
+        batch_format="numpy",
+    )
+
+
+def initial_affinity_net(classifier_record: str, cfg: RunConfig) -> AffinityNet:
+    """AffinityNet before training: its backbone is the trained classifier's."""
+    model = AffinityNet(cfg.affinity.model)
+    classifier = load_classifier(classifier_record, cfg)
+    load_backbone_weights(model.backbone, classifier.backbone.state_dict())
+    return model
+
+
+def run(
+    cfg: RunConfig, classifier_record: str | None = None, log: Callable[[str], None] = print
+) -> ModelRecord:
+    """Train the AffinityNet of `cfg` on Ray from the classifier of `classifier_record` (default:
+    this run's), resuming the run's last checkpoint if any, and write its model record."""
+    connect(cfg)
+    check_resources(cfg, actors=cfg.ray.model_actors)
+    classifier_record = classifier_record or record_uri(cfg, "classifier")
+    classifier = read_record(classifier_record, cfg)
+    manifest = load_manifest(cfg)
+    if classifier.classes != manifest.classes:
+        raise ValueError(
+            f"the classifier of {classifier_record} knows the classes {classifier.classes}, "
+            f"the manifest {cfg.dataset.manifest} has {manifest.classes}"
+        )
+    job = TrainJob(
+        stage="affinity",
+        cfg=cfg,
+        classes=manifest.classes,
+        model_params=cfg.affinity.model,
+        optim=cfg.affinity.optim,
+        build_model=partial(initial_affinity_net, classifier_record, cfg),
+        step_loss=affinity_step_loss,
+        n_rows=len(manifest),
+        skipped=SkippedRows.remote(),
+    )
+    labelled = affinity_label_dataset(manifest, cfg, classifier_record, job.skipped)
+    dataset = labelled.map_batches(
+        affinity_examples,
+        fn_kwargs={
+            "augment_params": cfg.affinity.augment,
+            "stride": cfg.affinity.model.feature_stride,
+        },
+        batch_size=cfg.ray.rows_per_block,
+        batch_format="numpy",
+    )
+    return run_training(job, dataset, log)

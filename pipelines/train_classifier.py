@@ -1,0 +1,80 @@
+"""`wsss train-classifier`: the classifier trained with Ray Train on the manifest's images.
+
+Ray Data fetches and decodes the images (`pipelines.train.image_dataset`) and augments them here
+with `wsss.classifier.classification_example`; the workers train with `classifier_step_loss`.
+The model record lands at `<run>/models/classifier.json`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+from pipelines.config import RunConfig
+from pipelines.inputs import load_manifest, resolve_weights
+from pipelines.model_record import ModelRecord
+from pipelines.train import (
+    SkippedRows,
+    TrainJob,
+    check_resources,
+    connect,
+    image_dataset,
+    run_training,
+)
+from wsss.backbone import load_backbone_weights
+from wsss.classifier import Classifier, classification_example, classifier_step_loss
+from wsss.transforms import AugmentParams
+
+
+def classification_examples(
+    batch: dict[str, np.ndarray], n_classes: int, augment_params: AugmentParams
+) -> dict[str, np.ndarray]:
+    """Ray Data step: decoded rows -> {"image": float32 (B, 3, S, S), "targets": (B, K)}.
+
+    Augmentation draws from fresh entropy: Ray Data does not tell a task which epoch it
+    serves, so unlike the in-process loop a run is not repeatable draw for draw."""
+    rng = np.random.default_rng()
+    examples = [
+        classification_example(image, labels, n_classes, rng, augment_params)
+        for image, labels in zip(batch["image"], batch["labels"], strict=True)
+    ]
+    return {key: np.stack([e[key] for e in examples]) for key in ("image", "targets")}
+
+
+def initial_classifier(n_classes: int, cfg: RunConfig) -> Classifier:
+    """The classifier before training: its configured backbone weights, when set, are fetched
+    on the worker's own node."""
+    params = resolve_weights(cfg.classifier.model, cfg)
+    model = Classifier(n_classes, params)
+    if params.backbone.weights is not None:
+        load_backbone_weights(model.backbone, params.backbone.weights)
+    return model
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
+    """Train the classifier of `cfg` on Ray (resuming the run's last checkpoint, if any) and
+    write its model record."""
+    connect(cfg)
+    check_resources(cfg)
+    manifest = load_manifest(cfg)
+    n_classes = manifest.num_foreground
+    job = TrainJob(
+        stage="classifier",
+        cfg=cfg,
+        classes=manifest.classes,
+        model_params=cfg.classifier.model,
+        optim=cfg.classifier.optim,
+        build_model=partial(initial_classifier, n_classes, cfg),
+        step_loss=classifier_step_loss,
+        n_rows=len(manifest),
+        skipped=SkippedRows.remote(),
+    )
+    dataset = image_dataset(manifest, cfg, job.skipped).map_batches(
+        classification_examples,
+        fn_kwargs={"n_classes": n_classes, "augment_params": cfg.classifier.augment},
+        batch_size=cfg.ray.rows_per_block,
+        batch_format="numpy",
+    )
+    return run_training(job, dataset, log)

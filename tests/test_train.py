@@ -1,0 +1,286 @@
+"""Ray Train jobs of the classifier and AffinityNet, on the local Ray instance and S3 server.
+
+One classifier run (2 workers, the dataset and the run folder on the local S3 server, two
+unreadable images) is shared by the tests that look at its outcome; the resume and AffinityNet
+tests train on top of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import pickle
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipelines import storage, train_affinity, train_classifier
+from pipelines.cli import main
+from pipelines.config import RunConfig, load_config
+from pipelines.model_record import (
+    ModelRecord,
+    load_affinity_net,
+    load_classifier,
+    read_record,
+    record_uri,
+    write_record,
+)
+from pipelines.train import InsufficientResourcesError, SkippedRows, _resume_schedule
+from wsss import synthetic
+from wsss.affinity import AffinityNet, affinity_label_map, predict_affinity
+from wsss.cam import compute_cams
+from wsss.classifier import Classifier
+from wsss.imageio import read_image
+from wsss.synthetic import SyntheticParams
+from wsss.training import OptimParams, make_optimizer, make_scheduler
+from wsss.transforms import normalize
+
+N_IMAGES = 12
+UNREADABLE = ("synth-000003", "synth-000007")
+pytestmark = pytest.mark.slow
+
+
+def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
+    optim = {"algorithm": "adamw", "lr": 1e-3, "head_lr_mult": 1, "epochs": 1, "batch_size": 4}
+    overrides = [
+        f"dataset.manifest={manifest}",
+        f"output={output}",
+        f"storage.s3_endpoint_url={endpoint}",
+        "name=tiny",
+        "ray.train_workers=2",
+        "cam.scales=[1.0]",
+        "affinity.model.feature_stride=8",
+    ]
+    for net in ("classifier", "affinity"):
+        overrides += [
+            f"{net}.model.backbone.name=resnet18",
+            f"{net}.augment.crop_size=48",
+            f"{net}.augment.resize_long=[48, 64]",
+        ]
+        overrides += [f"{net}.optim.{k}={v}" for k, v in optim.items()]
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """12 small synthetic images, two of them unreadable (not an image; truncated)."""
+    params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
+    manifest = synthetic.generate(tmp_path_factory.mktemp("data"), N_IMAGES, 1, params)
+    images = manifest.parent / "images"
+    (images / f"{UNREADABLE[0]}.png").write_bytes(b"not an image at all")
+    truncated = images / f"{UNREADABLE[1]}.png"
+    truncated.write_bytes(truncated.read_bytes()[:80])
+    return manifest.parent
+
+
+@pytest.fixture(scope="module")
+def overrides(ray_cluster, s3_endpoint, data_dir) -> list[str]:
+    """The tiny run: its dataset uploaded to a fresh bucket, its outputs under s3://."""
+    bucket = f"train-{time.time_ns()}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"data/{path.relative_to(data_dir)}")
+    return tiny_overrides(f"s3://{bucket}/data/manifest.jsonl", f"s3://{bucket}/runs", s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def cfg(overrides) -> RunConfig:
+    return load_config(overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def classifier_record(cfg) -> ModelRecord:
+    return train_classifier.run(cfg, log=lambda _: None)
+
+
+def read_weights(uri: str, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(storage.read_bytes(uri, cfg.storage)), weights_only=True)
+
+
+def readable_images(data_dir: Path, count: int) -> list[tuple[np.ndarray, list[int]]]:
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    classes = (data_dir / "classes.txt").read_text().split()
+    return [
+        (read_image(data_dir / row["image"]), [classes.index(name) for name in row["labels"]])
+        for row in rows
+        if row["image_id"] not in UNREADABLE
+    ][:count]
+
+
+def test_two_worker_checkpoint_gives_the_cams_of_the_in_process_model(
+    cfg, classifier_record, data_dir
+):
+    record = read_record(record_uri(cfg, "classifier"), cfg)  # read back from S3
+    assert record.checkpoint_uri.startswith(cfg.run_uri + "/train/classifier/")
+    assert record.classes[0] == "background" and len(record.classes) == 4
+    assert record.backbone == "resnet18"
+    assert record.config_hash == cfg.hash()
+    assert classifier_record.metrics["workers"] == 2
+
+    distributed = load_classifier(record_uri(cfg, "classifier"), cfg)
+    in_process = Classifier(3, cfg.classifier.model)
+    in_process.load_state_dict(read_weights(record.weights_uri, cfg))
+    in_process.eval()
+    untrained = train_classifier.initial_classifier(3, cfg)  # what training started from
+    assert not torch.equal(distributed.head.weight, untrained.head.weight)
+    for image, labels in readable_images(data_dir, 3):
+        expected = compute_cams(in_process, image, labels, cfg.cam)
+        cams = compute_cams(distributed, image, labels, cfg.cam)
+        np.testing.assert_array_equal(cams, expected)
+        assert cams.shape == (3, *image.shape[:2])
+        # CAMs are relu'd and may still be all zero after one tiny epoch: the raw scores too.
+        x = torch.from_numpy(normalize(image))[None]
+        with torch.no_grad():
+            torch.testing.assert_close(
+                distributed.score_maps(x), in_process.score_maps(x), rtol=0, atol=0
+            )
+
+
+def test_unreadable_images_are_skipped_and_counted(classifier_record):
+    # 12 rows, 2 unreadable: 10 trained on, split evenly between the two workers.
+    assert classifier_record.metrics["skipped_images"] == 2
+    assert classifier_record.metrics["samples"] == N_IMAGES - 2
+    assert classifier_record.metrics["steps"] == 3  # 5 rows per worker, batches of 2
+    skipped = " ".join(classifier_record.skipped_examples)
+    assert all(image_id in skipped for image_id in UNREADABLE)
+    assert "not an image" in skipped and "truncated" in skipped
+
+
+def test_run_started_again_resumes_after_its_last_checkpoint(cfg, overrides, classifier_record):
+    first_meta = storage.join(classifier_record.checkpoint_uri, "meta.json")
+    before = storage.read_bytes(first_meta, cfg.storage)
+    assert json.loads(before)["epoch"] == 0
+
+    # Started again with one more epoch, on one worker instead of two.
+    longer = load_config(overrides=[*overrides, "classifier.optim.epochs=2", "ray.train_workers=1"])
+    resumed = train_classifier.run(longer, log=lambda _: None)
+
+    assert resumed.metrics["epoch"] == 1 and resumed.epochs == 2
+    assert resumed.metrics["workers"] == 1
+    assert resumed.checkpoint_uri.endswith("/epoch_0001")
+    # Epoch 0 was not trained again: its checkpoint is the one the first run wrote.
+    assert storage.read_bytes(first_meta, cfg.storage) == before
+    first = read_weights(classifier_record.weights_uri, cfg)
+    second = read_weights(resumed.weights_uri, cfg)
+    assert not torch.equal(first["head.weight"], second["head.weight"])
+
+
+def test_affinity_labels_stream_from_the_classifier_actors(cfg, classifier_record, data_dir):
+    manifest = train_affinity.load_manifest(cfg)
+    rows = train_affinity.affinity_label_dataset(
+        manifest, cfg, record_uri(cfg, "classifier"), SkippedRows.remote()
+    ).take_all()
+    assert len(rows) == N_IMAGES - 2
+    classifier = load_classifier(record_uri(cfg, "classifier"), cfg)
+    by_id = {row.image_id: row for row in manifest.rows}
+    for row in rows[:3]:
+        image = row["image"]
+        labels = manifest.label_indices(by_id[row["image_id"]])
+        cams = compute_cams(classifier, image, labels, cfg.cam)
+        expected = affinity_label_map(cams, labels, cfg.affinity.labels, image)
+        np.testing.assert_array_equal(row["label_map"], expected)
+
+
+def test_affinity_net_trains_from_the_classifier_and_loads_from_its_record(
+    cfg, overrides, classifier_record, data_dir
+):
+    initial = train_affinity.initial_affinity_net(record_uri(cfg, "classifier"), cfg)
+    classifier = load_classifier(record_uri(cfg, "classifier"), cfg)
+    for name, value in classifier.backbone.state_dict().items():
+        assert torch.equal(initial.backbone.state_dict()[name], value), name
+
+    one_worker = load_config(overrides=[*overrides, "ray.train_workers=1"])
+    record = train_affinity.run(one_worker, log=lambda _: None)
+
+    assert record.stage == "affinity" and record.metrics["skipped_images"] == 2
+    assert np.isfinite(record.metrics["loss"]) and record.metrics["samples"] == N_IMAGES - 2
+    distributed = load_affinity_net(record_uri(cfg, "affinity"), cfg)
+    in_process = AffinityNet(cfg.affinity.model)
+    in_process.load_state_dict(read_weights(record.weights_uri, cfg))
+    for image, _ in readable_images(data_dir, 2):
+        expected = predict_affinity(in_process, image)
+        torch.testing.assert_close(predict_affinity(distributed, image), expected, rtol=0, atol=0)
+
+
+def test_more_workers_or_gpus_than_the_cluster_has_fail_fast(cfg, ray_cluster, capsys):
+    started = time.perf_counter()
+    too_many = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"train_workers": 64})})
+    with pytest.raises(
+        InsufficientResourcesError, match=r"ray.train_workers 64 .* the cluster has 4"
+    ):
+        train_classifier.run(too_many, log=lambda _: None)
+    gpus = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": True})})
+    with pytest.raises(InsufficientResourcesError, match="GPUs .* the cluster has 0"):
+        train_affinity.run(gpus, log=lambda _: None)
+    assert main(["train-classifier", "--set", "ray.cpus_per_worker=16"]) == 2
+    assert "no node has that much" in capsys.readouterr().err
+    assert time.perf_counter() - started < 10
+
+
+# --- without Ray ----------------------------------------------------------------------------
+
+
+def test_resumed_schedule_continues_the_learning_rate_and_moments():
+    torch.manual_seed(0)
+    params = OptimParams(algorithm="sgd", lr=0.1, momentum=0.9, poly_power=0.9)
+    model = nn.Linear(3, 2)
+    optimizer = make_optimizer([{"params": list(model.parameters())}], params)
+    scheduler = make_scheduler(optimizer, 6, params)
+    for _ in range(3):
+        model(torch.randn(4, 3)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+    saved = {"optimizer": optimizer.state_dict(), "steps": scheduler.last_epoch}
+
+    fresh = make_optimizer([{"params": list(model.parameters())}], params)
+    longer = make_scheduler(fresh, 10, params)  # the resumed run has more epochs
+    _resume_schedule(fresh, longer, saved)
+
+    assert fresh.param_groups[0]["lr"] == pytest.approx(0.1 * (1 - 3 / 10) ** 0.9)
+    assert longer.last_epoch == 3
+    for p in model.parameters():
+        assert torch.equal(fresh.state[p]["momentum_buffer"], optimizer.state[p]["momentum_buffer"])
+
+
+def test_model_record_rejects_changed_weights_and_other_stages(tmp_path):
+    cfg = load_config(overrides=[f"output={tmp_path}", "classifier.model.backbone.name=resnet18"])
+    model = Classifier(2, cfg.classifier.model)
+    weights = tmp_path / "model.pt"
+    torch.save(model.state_dict(), weights)
+    record = ModelRecord(
+        stage="classifier",
+        checkpoint_uri=str(tmp_path),
+        weights_uri=str(weights),
+        weights_sha256="0" * 64,
+        classes=["background", "a", "b"],
+        backbone="resnet18",
+        model=cfg.classifier.model.model_dump(mode="json"),
+        epochs=1,
+        config_hash=cfg.hash(),
+        metrics={},
+        skipped_examples=[],
+        created_at="2026-01-01T00:00:00+00:00",
+    )
+    uri = record_uri(cfg, "classifier")
+    write_record(record, uri, cfg)
+    with pytest.raises(ValueError, match="sha256 .* does not match"):
+        load_classifier(uri, cfg)
+    with pytest.raises(ValueError, match="is for the classifier, not the affinity"):
+        load_affinity_net(uri, cfg)
+    # Weights that would run code when unpickled are refused even with a matching digest.
+    torch.save({"head.weight": Path("not/a/tensor")}, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    write_record(record.model_copy(update={"weights_sha256": digest}), uri, cfg)
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_classifier(uri, cfg)
+    Path(uri).write_text('{"stage": "classifier"}')
+    with pytest.raises(ValueError, match=f"model record {uri}: checkpoint_uri: Field required"):
+        read_record(uri, cfg)
