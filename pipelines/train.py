@@ -228,10 +228,12 @@ def run_training(
     job: TrainJob, dataset: ray.data.Dataset, log: Callable[[str], None] = print
 ) -> ModelRecord:
     """Train `job` on `dataset` (rows of training examples) with a TorchTrainer, then write
-    and return the model record. Resumes from the run's last checkpoint when there is one."""
+    and return the model record. Resumes from the run's last checkpoint when there is one.
+    Checkpoints go under the run's `output`: on a cluster of several nodes that must be s3://
+    (or a folder every node shares)."""
     cfg = job.cfg
     if job.steps_per_epoch < 1:
-        raise ValueError(
+        raise ConfigError(
             f"{job.n_rows} images cannot be shared among ray.train_workers "
             f"{cfg.ray.train_workers}: every worker needs at least one"
         )

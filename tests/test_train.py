@@ -31,7 +31,7 @@ from pipelines.model_record import (
     record_uri,
     write_record,
 )
-from pipelines.train import InsufficientResourcesError, SkippedRows, _resume_schedule
+from pipelines.train import InsufficientResourcesError, _resume_schedule, decode_rows, ragged
 from wsss import synthetic
 from wsss.affinity import AffinityNet, affinity_label_map, predict_affinity
 from wsss.cam import compute_cams
@@ -173,20 +173,26 @@ def test_run_started_again_resumes_after_its_last_checkpoint(cfg, overrides, cla
     assert not torch.equal(first["head.weight"], second["head.weight"])
 
 
-def test_affinity_labels_stream_from_the_classifier_actors(cfg, classifier_record, data_dir):
+def test_label_actor_gives_the_in_process_affinity_labels(cfg, classifier_record):
+    # The actor's work, called here on a decoded batch (the AffinityNet run streams it in Ray).
     manifest = train_affinity.load_manifest(cfg)
-    rows = train_affinity.affinity_label_dataset(
-        manifest, cfg, record_uri(cfg, "classifier"), SkippedRows.remote()
-    ).take_all()
-    assert len(rows) == N_IMAGES - 2
+    rows = [row for row in manifest.rows if row.image_id not in UNREADABLE][:3]
+    batch = {
+        "image_id": np.array([row.image_id for row in rows], dtype=object),
+        "image": np.array([row.image for row in rows], dtype=object),
+        "labels": ragged([np.array(manifest.label_indices(row)) for row in rows]),
+    }
+    decoded = decode_rows(batch, cfg, skipped=None)  # all readable: nothing to report
+    labelled = train_affinity.AffinityLabeler(record_uri(cfg, "classifier"), cfg)(decoded)
+
     classifier = load_classifier(record_uri(cfg, "classifier"), cfg)
-    by_id = {row.image_id: row for row in manifest.rows}
-    for row in rows[:3]:
-        image = row["image"]
-        labels = manifest.label_indices(by_id[row["image_id"]])
+    assert list(labelled["image_id"]) == [row.image_id for row in rows]
+    for row, image, label_map in zip(rows, labelled["image"], labelled["label_map"], strict=True):
+        labels = manifest.label_indices(row)
         cams = compute_cams(classifier, image, labels, cfg.cam)
         expected = affinity_label_map(cams, labels, cfg.affinity.labels, image)
-        np.testing.assert_array_equal(row["label_map"], expected)
+        assert label_map.shape == image.shape[:2]
+        np.testing.assert_array_equal(label_map, expected)
 
 
 def test_affinity_net_trains_from_the_classifier_and_loads_from_its_record(
