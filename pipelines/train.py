@@ -224,6 +224,29 @@ class TrainJob:
         return math.ceil(rows_per_worker / self.batch_per_worker)
 
 
+def new_job(
+    stage: Stage,
+    cfg: RunConfig,
+    manifest: Manifest,
+    section: Any,
+    build_model: Callable[[], nn.Module],
+    step_loss: StepLoss,
+) -> TrainJob:
+    """The job of training `stage` on `manifest` with the `model` and `optim` of the config
+    `section` (`cfg.classifier` or `cfg.affinity`)."""
+    return TrainJob(
+        stage=stage,
+        cfg=cfg,
+        classes=manifest.classes,
+        model_params=section.model,
+        optim=section.optim,
+        build_model=build_model,
+        step_loss=step_loss,
+        n_rows=len(manifest),
+        skipped=SkippedRows.remote(),
+    )
+
+
 def run_training(
     job: TrainJob, dataset: ray.data.Dataset, log: Callable[[str], None] = print
 ) -> ModelRecord:
@@ -346,7 +369,11 @@ def _train_worker(config: dict) -> None:
         metrics = _across_workers(metrics, device)
         # Every worker has exhausted the epoch's data here, so all its skips are counted.
         skipped = ray.get(job.skipped.take.remote()) if rank0 else 0
-        metrics.update(skipped_images=float(skipped), workers=float(cfg.ray.train_workers))
+        metrics.update(
+            skipped_images=float(skipped),
+            workers=float(cfg.ray.train_workers),
+            start_epoch=float(start_epoch),  # > 0: this attempt resumed from a checkpoint
+        )
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank0:

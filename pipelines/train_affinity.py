@@ -16,15 +16,14 @@ from functools import partial
 import numpy as np
 import ray
 
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.model_record import ModelRecord, load_classifier, read_record, record_uri
 from pipelines.train import (
-    SkippedRows,
-    TrainJob,
     check_resources,
     connect,
     image_dataset,
+    new_job,
     ragged,
     run_training,
 )
@@ -107,21 +106,12 @@ def run(
     classifier = read_record(classifier_record, cfg)
     manifest = load_manifest(cfg)
     if classifier.classes != manifest.classes:
-        raise ValueError(
+        raise ConfigError(
             f"the classifier of {classifier_record} knows the classes {classifier.classes}, "
             f"the manifest {cfg.dataset.manifest} has {manifest.classes}"
         )
-    job = TrainJob(
-        stage="affinity",
-        cfg=cfg,
-        classes=manifest.classes,
-        model_params=cfg.affinity.model,
-        optim=cfg.affinity.optim,
-        build_model=partial(initial_affinity_net, classifier_record, cfg),
-        step_loss=affinity_step_loss,
-        n_rows=len(manifest),
-        skipped=SkippedRows.remote(),
-    )
+    build_model = partial(initial_affinity_net, classifier_record, cfg)
+    job = new_job("affinity", cfg, manifest, cfg.affinity, build_model, affinity_step_loss)
     labelled = affinity_label_dataset(manifest, cfg, classifier_record, job.skipped)
     dataset = labelled.map_batches(
         affinity_examples,

@@ -15,14 +15,7 @@ import numpy as np
 from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.model_record import ModelRecord
-from pipelines.train import (
-    SkippedRows,
-    TrainJob,
-    check_resources,
-    connect,
-    image_dataset,
-    run_training,
-)
+from pipelines.train import check_resources, connect, image_dataset, new_job, run_training
 from wsss.backbone import load_backbone_weights
 from wsss.classifier import Classifier, classification_example, classifier_step_loss
 from wsss.transforms import AugmentParams
@@ -60,17 +53,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
     check_resources(cfg)
     manifest = load_manifest(cfg)
     n_classes = manifest.num_foreground
-    job = TrainJob(
-        stage="classifier",
-        cfg=cfg,
-        classes=manifest.classes,
-        model_params=cfg.classifier.model,
-        optim=cfg.classifier.optim,
-        build_model=partial(initial_classifier, n_classes, cfg),
-        step_loss=classifier_step_loss,
-        n_rows=len(manifest),
-        skipped=SkippedRows.remote(),
-    )
+    build_model = partial(initial_classifier, n_classes, cfg)
+    job = new_job("classifier", cfg, manifest, cfg.classifier, build_model, classifier_step_loss)
     dataset = image_dataset(manifest, cfg, job.skipped).map_batches(
         classification_examples,
         fn_kwargs={"n_classes": n_classes, "augment_params": cfg.classifier.augment},

@@ -11,12 +11,15 @@ import hashlib
 import io
 import json
 import pickle
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import boto3
 import numpy as np
 import pytest
+import ray
 import torch
 from torch import nn
 
@@ -164,13 +167,53 @@ def test_run_started_again_resumes_after_its_last_checkpoint(cfg, overrides, cla
     resumed = train_classifier.run(longer, log=lambda _: None)
 
     assert resumed.metrics["epoch"] == 1 and resumed.epochs == 2
-    assert resumed.metrics["workers"] == 1
+    assert resumed.metrics["workers"] == 1 and resumed.metrics["start_epoch"] == 1
     assert resumed.checkpoint_uri.endswith("/epoch_0001")
     # Epoch 0 was not trained again: its checkpoint is the one the first run wrote.
     assert storage.read_bytes(first_meta, cfg.storage) == before
     first = read_weights(classifier_record.weights_uri, cfg)
     second = read_weights(resumed.weights_uri, cfg)
     assert not torch.equal(first["head.weight"], second["head.weight"])
+
+
+def test_run_killed_after_its_first_checkpoint_resumes_from_there(cfg, overrides, ray_cluster):
+    # `wsss train-classifier` in a process of its own on this session's Ray, killed (SIGKILL)
+    # as soon as its first checkpoint is registered; then the same command started again. A
+    # checkpoint counts once Ray Train has recorded it in the run's snapshot file: one whose
+    # upload a kill interrupts before that is trained again.
+    epochs = 8
+    command = [sys.executable, "-m", "pipelines.cli", "train-classifier"]
+    for assignment in [
+        *overrides,
+        "name=killed",
+        "ray.train_workers=1",
+        f"classifier.optim.epochs={epochs}",
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+    ]:
+        command += ["--set", assignment]
+    run = storage.join(cfg.output, "killed")
+    first_meta = storage.join(run, "train/classifier/epoch_0000/meta.json")
+    registered = storage.join(run, "train/classifier/checkpoint_manager_snapshot.json")
+    record = storage.join(run, "models/classifier.json")
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not storage.exists(registered, cfg.storage):
+        assert process.poll() is None, "the training exited before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 240 s"
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    assert not storage.exists(record, cfg.storage), "the run finished before it was killed"
+    before = storage.read_bytes(first_meta, cfg.storage)
+
+    restarted = main(command[3:])
+    assert restarted == 0
+    resumed = read_record(record, cfg)
+    start = int(resumed.metrics["start_epoch"])
+    assert 1 <= start < epochs  # resumed after a stored checkpoint, not from scratch
+    assert resumed.epochs == epochs and resumed.metrics["epoch"] == epochs - 1
+    assert storage.read_bytes(first_meta, cfg.storage) == before  # epoch 0 not trained again
 
 
 def test_label_actor_gives_the_in_process_affinity_labels(cfg, classifier_record):
