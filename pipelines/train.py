@@ -70,44 +70,58 @@ class InsufficientResourcesError(ConfigError):
 def connect(cfg: RunConfig) -> None:
     """Join the cluster at `ray.address` (or start a local Ray) unless already connected."""
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address)
+        local = {"num_cpus": cfg.ray.local_cpus} if cfg.ray.address is None else {}
+        ray.init(address=cfg.ray.address, **local)
 
 
 def check_resources(cfg: RunConfig, actors: int = 0) -> None:
-    """Raise InsufficientResourcesError unless the cluster can host the training workers,
-    `actors` model actors and one CPU for Ray Data's tasks, each worker and actor on one node.
-
-    Reads `ray.cluster_resources()`: on an autoscaling cluster this is the current size."""
+    """Raise InsufficientResourcesError unless the cluster can host the training workers with
+    one CPU for Ray Data's tasks, and (when `actors`, for AffinityNet's labels, computed before
+    training starts) that many model actors with one CPU for tasks; each worker and actor on one
+    node. Reads `ray.cluster_resources()`: on an autoscaling cluster this is the current size."""
     r = cfg.ray
-    worker_gpus = 1.0 if r.use_gpu else 0.0
-    actor_gpus = r.gpus_per_actor if r.use_gpu else 0.0
+    gpu = r.use_gpu
+    phases = [  # (count field, count, what, CPU field, resources of one)
+        (
+            "ray.train_workers",
+            r.train_workers,
+            "a training worker",
+            "ray.cpus_per_worker",
+            {"CPU": r.cpus_per_worker, "GPU": 1.0 if gpu else 0.0},
+        ),
+    ]
+    if actors:
+        phases.append(
+            (
+                "ray.model_actors",
+                actors,
+                "a model actor",
+                "ray.cpus_per_actor",
+                {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor if gpu else 0.0},
+            )
+        )
     total = ray.cluster_resources()
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
     problems = []
-    cpus = r.train_workers * r.cpus_per_worker + actors * r.cpus_per_actor + 1
-    if cpus > total.get("CPU", 0):
-        actor_part = f" + ray.model_actors {actors} x {r.cpus_per_actor:g}" if actors else ""
-        problems.append(
-            f"{cpus:g} CPUs (ray.train_workers {r.train_workers} x ray.cpus_per_worker "
-            f"{r.cpus_per_worker:g}{actor_part} + 1 for Ray Data tasks) but the cluster has "
-            f"{total.get('CPU', 0):g}"
-        )
-    gpus = r.train_workers * worker_gpus + actors * actor_gpus
-    if gpus > total.get("GPU", 0):
-        actor_part = f" + ray.model_actors {actors} x {actor_gpus:g}" if actors else ""
-        problems.append(
-            f"{gpus:g} GPUs (ray.use_gpu: ray.train_workers {r.train_workers} x 1{actor_part}) "
-            f"but the cluster has {total.get('GPU', 0):g}"
-        )
-    needs = [("a training worker", {"CPU": r.cpus_per_worker, "GPU": worker_gpus})]
-    if actors:
-        needs.append(("a model actor", {"CPU": r.cpus_per_actor, "GPU": actor_gpus}))
-    for what, need in needs:
+    for field, count, what, cpu_field, need in phases:
+        cpus = count * need["CPU"] + 1
+        if cpus > have_cpus:
+            problems.append(
+                f"{cpus:g} CPUs ({field} {count} x {cpu_field} {need['CPU']:g} + 1 for Ray Data "
+                f"tasks) but the cluster has {have_cpus:g}"
+            )
+        gpus = count * need["GPU"]
+        if gpus > have_gpus:
+            problems.append(
+                f"{gpus:g} GPUs (ray.use_gpu: {field} {count} x {need['GPU']:g}) but the cluster "
+                f"has {have_gpus:g}"
+            )
         if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
             wanted = " and ".join(f"{v:g} {k}" for k, v in need.items() if v)
             problems.append(f"{wanted} on one node for {what}, but no node has that much")
     if problems:
-        gpu_hint = ", set ray.use_gpu=false" if r.use_gpu else ""
+        gpu_hint = ", set ray.use_gpu=false" if gpu else ""
         raise InsufficientResourcesError(
             "the Ray cluster cannot host this training: it needs "
             + "; and ".join(problems)
@@ -118,22 +132,21 @@ def check_resources(cfg: RunConfig, actors: int = 0) -> None:
 
 @ray.remote(num_cpus=0)
 class SkippedRows:
-    """Counts the manifest rows whose image could not be read or decoded, between `take`s."""
+    """The manifest rows whose image could not be read or decoded, each counted once however
+    often its data is read (every epoch, or again after a resumption)."""
 
     def __init__(self) -> None:
-        self._count = 0
-        self._messages: dict[str, None] = {}  # first few distinct messages, in order
+        self._ids: set[str] = set()
+        self._messages: list[str] = []  # the first few, in order
 
-    def add(self, messages: list[str]) -> None:
-        self._count += len(messages)
-        for message in messages:
-            if len(self._messages) < KEPT_SKIP_MESSAGES:
-                self._messages[message] = None
+    def add(self, problems: list[tuple[str, str]]) -> None:
+        for image_id, message in problems:
+            if image_id not in self._ids and len(self._messages) < KEPT_SKIP_MESSAGES:
+                self._messages.append(message)
+            self._ids.add(image_id)
 
-    def take(self) -> int:
-        """Rows skipped since the last call."""
-        count, self._count = self._count, 0
-        return count
+    def count(self) -> int:
+        return len(self._ids)
 
     def messages(self) -> list[str]:
         return list(self._messages)
@@ -159,12 +172,13 @@ def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[s
             data = storage.read_bytes(str(uri), cfg.storage)
             images.append(decode_image(data, cfg.dataset.max_pixels))
         except (OSError, ImageDecodeError) as err:
-            problems.append(f"{image_id} ({uri}): {err}")
+            problems.append((str(image_id), f"{image_id} ({uri}): {err}"))
             continue
         ids.append(str(image_id))
         labels.append(np.asarray(row_labels, dtype=np.int64))
     if problems:
-        logger.warning("skipping %d unreadable image(s): %s", len(problems), "; ".join(problems))
+        messages = "; ".join(message for _, message in problems)
+        logger.warning("skipping %d unreadable image(s): %s", len(problems), messages)
         # Waited for, so every count is in before the epoch's data is exhausted.
         ray.get(skipped.add.remote(problems))
     return {
@@ -354,8 +368,6 @@ def _train_worker(config: dict) -> None:
     if resumed is not None:
         _resume_schedule(optimizer, scheduler, resumed["train_state"])
         start_epoch = resumed["meta"]["epoch"] + 1
-    if rank0:
-        ray.get(job.skipped.take.remote())  # drop what an interrupted attempt counted
     shard = ray.train.get_dataset_shard("train")
 
     def epoch_batches(epoch: int):
@@ -368,7 +380,7 @@ def _train_worker(config: dict) -> None:
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
         metrics = _across_workers(metrics, device)
         # Every worker has exhausted the epoch's data here, so all its skips are counted.
-        skipped = ray.get(job.skipped.take.remote()) if rank0 else 0
+        skipped = ray.get(job.skipped.count.remote()) if rank0 else 0
         metrics.update(
             skipped_images=float(skipped),
             workers=float(cfg.ray.train_workers),

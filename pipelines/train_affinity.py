@@ -2,9 +2,10 @@
 
 The affinity labels are a Ray Data stage: an actor pool loads the trained classifier from its
 model record once per actor and turns each decoded image into CAMs and an affinity label map
-(`wsss.affinity.affinity_label_map`); Ray Data tasks augment image and map jointly and the
-examples stream to the trainer, never through the driver. They are recomputed every epoch
-(deterministic, so every epoch sees the same labels) instead of being stored. AffinityNet's
+(`wsss.affinity.affinity_label_map`). The labels are computed once per run and kept in Ray's
+object store (spilled to disk when larger than memory; only references reach the driver): CAMs
+at several scales cost far more than an epoch of AffinityNet training. Every epoch, Ray Data
+tasks augment image and map jointly and stream the examples to the trainer. AffinityNet's
 backbone starts from the classifier's, as in `wsss run-local`.
 """
 
@@ -112,7 +113,7 @@ def run(
         )
     build_model = partial(initial_affinity_net, classifier_record, cfg)
     job = new_job("affinity", cfg, manifest, cfg.affinity, build_model, affinity_step_loss)
-    labelled = affinity_label_dataset(manifest, cfg, classifier_record, job.skipped)
+    labelled = affinity_label_dataset(manifest, cfg, classifier_record, job.skipped).materialize()
     dataset = labelled.map_batches(
         affinity_examples,
         fn_kwargs={

@@ -16,11 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import ray
 import torch
+from conftest import tiny_networks, upload_dataset
 from torch import nn
 
 from pipelines import storage, train_affinity, train_classifier
@@ -50,24 +50,15 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
-    optim = {"algorithm": "adamw", "lr": 1e-3, "head_lr_mult": 1, "epochs": 1, "batch_size": 4}
-    overrides = [
+    return [
         f"dataset.manifest={manifest}",
         f"output={output}",
         f"storage.s3_endpoint_url={endpoint}",
         "name=tiny",
         "ray.train_workers=2",
         "cam.scales=[1.0]",
-        "affinity.model.feature_stride=8",
+        *tiny_networks(),
     ]
-    for net in ("classifier", "affinity"):
-        overrides += [
-            f"{net}.model.backbone.name=resnet18",
-            f"{net}.augment.crop_size=48",
-            f"{net}.augment.resize_long=[48, 64]",
-        ]
-        overrides += [f"{net}.optim.{k}={v}" for k, v in optim.items()]
-    return overrides
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +76,7 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def overrides(ray_cluster, s3_endpoint, data_dir) -> list[str]:
     """The tiny run: its dataset uploaded to a fresh bucket, its outputs under s3://."""
-    bucket = f"train-{time.time_ns()}"
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-    s3.create_bucket(Bucket=bucket)
-    for path in data_dir.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), bucket, f"data/{path.relative_to(data_dir)}")
+    bucket = upload_dataset(s3_endpoint, data_dir)
     return tiny_overrides(f"s3://{bucket}/data/manifest.jsonl", f"s3://{bucket}/runs", s3_endpoint)
 
 
