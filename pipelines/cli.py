@@ -79,7 +79,55 @@ def cmd_train_affinity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label(args: argparse.Namespace) -> int:
+    from pipelines import label
+
+    summary = label.run(
+        _config(args),
+        input_uri=args.input,
+        out_uri=args.out,
+        force=args.force,
+        keep_stages=args.keep_stages,
+        classifier_record=args.classifier,
+        affinity_record=args.affinity,
+    )
+    for key in ("input", "labelled", "errors", "skipped"):
+        print(f"{key}: {summary[key]}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipelines import evaluate
+
+    evaluate.run(_config(args), args.labels, args.model_version)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipelines import run
+
+    if args.config_file and args.config:
+        raise ConfigError("give the configuration once: as CONFIG or as --config")
+    args.config = args.config or args.config_file
+    outcome = run.run(_config(args))
+    print(", ".join(f"{stage}: {what}" for stage, what in outcome.items()))
+    return 0
+
+
+def cmd_relabel(args: argparse.Namespace) -> int:
+    from pipelines import relabel
+
+    record = relabel.run(_config(args), input_uri=args.input, out_uri=args.out, date=args.date)
+    print(f"{record['new_or_changed']} new or changed image(s) -> {record['shards']}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        from pipelines import config_reference
+
+        print(config_reference.markdown(), end="")
+        return 0
     if args.schema:
         print(json.dumps(RunConfig.model_json_schema(), indent=2))
         return 0
@@ -101,6 +149,25 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train-affinity": (
         cmd_train_affinity,
         "train AffinityNet with Ray Train on the classifier's CAMs (resumes likewise)",
+    ),
+    "label": (
+        cmd_label,
+        "write pseudo-label shards for a manifest with Ray Data (skips images already labelled "
+        "by the same models)",
+    ),
+    "evaluate": (
+        cmd_evaluate,
+        "mIoU per stage and class of the shards against the manifest's ground truth, and the "
+        "overlay gallery",
+    ),
+    "relabel": (
+        cmd_relabel,
+        "the nightly job: label only new or changed images into a dated shard set",
+    ),
+    "run": (
+        cmd_run,
+        "every stage in order (train-classifier, train-affinity, label, evaluate), skipping "
+        "those already done for this configuration",
     ),
     "config": (cmd_config, "print the resolved configuration (or its JSON schema)"),
 }
@@ -129,8 +196,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="model record of the classifier (default: the run's models/classifier.json)",
     )
+    for name in ("label", "relabel"):
+        parsers[name].add_argument(
+            "--input", metavar="URI", help="manifest (default: dataset.manifest)"
+        )
+        parsers[name].add_argument(
+            "--out", metavar="URI", help="output folder (default: label.out, else the run folder)"
+        )
+    labeling = parsers["label"]
+    labeling.add_argument(
+        "--force", action="store_true", help="relabel images this model version labelled before"
+    )
+    labeling.add_argument(
+        "--keep-stages", action="store_true", help="also store the CAM and random-walk masks"
+    )
+    for stage in ("classifier", "affinity"):
+        labeling.add_argument(
+            f"--{stage}",
+            metavar="URI",
+            help=f"model record of the {stage} (default: the run's models/{stage}.json)",
+        )
+    evaluating = parsers["evaluate"]
+    evaluating.add_argument(
+        "--labels", metavar="URI", help="shards to evaluate (default: label.out, else the run)"
+    )
+    evaluating.add_argument(
+        "--model-version",
+        default="latest",
+        help="model version of the shards (default: the latest labeling run's)",
+    )
+    parsers["relabel"].add_argument("--date", help="the dated shard set (default: today, UTC)")
+    parsers["run"].add_argument(
+        "config_file", nargs="?", metavar="CONFIG", help="YAML run configuration"
+    )
     parsers["config"].add_argument(
         "--schema", action="store_true", help="print the JSON schema of the configuration"
+    )
+    parsers["config"].add_argument(
+        "--reference", action="store_true", help="print the configuration reference (Markdown)"
     )
     return parser
 

@@ -88,6 +88,13 @@ class RayConfig(Section):
     address: str | None = Field(
         None, description="Ray cluster address; None starts (or joins) a local instance."
     )
+    local_cpus: int | None = Field(
+        None,
+        ge=1,
+        description="Logical CPUs of a local Ray instance this run starts (address None); None = "
+        "the machine's cores. More than the cores lets a training worker, a model actor and Ray "
+        "Data's tasks share a small machine.",
+    )
     train_workers: int = Field(1, ge=1, description="Ray Train workers per training job.")
     use_gpu: bool = Field(False, description="Train and run model stages on GPUs.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per training worker.")
@@ -112,6 +119,48 @@ class RayConfig(Section):
     )
 
 
+class LabelConfig(Section):
+    out: str | None = Field(
+        None,
+        description="Folder or s3:// URI that `wsss label` writes labels/, errors/ and its run "
+        "summaries to; None = the run folder (output/name).",
+    )
+    keep_stages: bool = Field(
+        False, description="Also store the CAM and random-walk masks (mask_cam, mask_rw)."
+    )
+    batch_size: int = Field(
+        8, ge=1, description="Images per call of a model actor (CAM + random walk)."
+    )
+    cpus_per_task: float = Field(
+        1.0,
+        gt=0,
+        description="CPUs Ray reserves per fetch/decode and per CRF task; a fraction lets them "
+        "share cores with the model actors.",
+    )
+    crf_workers: int | None = Field(
+        None,
+        ge=1,
+        description="Concurrent CRF tasks; None = as many as the cluster's CPUs allow.",
+    )
+    min_rows_per_file: int = Field(
+        1000,
+        ge=1,
+        description="Rows gathered before a write task writes its labels/ and errors/ files "
+        "(the last files of a run may hold fewer).",
+    )
+
+
+class EvaluateConfig(Section):
+    out: str | None = Field(
+        None,
+        description="Folder or s3:// URI for evaluation.json and the gallery; None = beside the "
+        "shards (label.out, else the run folder).",
+    )
+    gallery_images: int = Field(
+        12, ge=0, description="Images in the overlay gallery (0: no gallery)."
+    )
+
+
 class RunConfig(Section):
     name: str = Field("demo", min_length=1, description="Run name: outputs go to output/name.")
     seed: int = Field(0, ge=0, description="Seed for training and sampling.")
@@ -129,6 +178,8 @@ class RunConfig(Section):
     pseudo_label: PseudoLabelParams = PseudoLabelParams()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
+    label: LabelConfig = LabelConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _one_radius(self) -> RunConfig:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +54,35 @@ def ray_cluster(s3_endpoint: str) -> dict:
     ray.init(num_cpus=4, include_dashboard=False)
     yield ray.cluster_resources()
     ray.shutdown()
+
+
+def upload_dataset(
+    endpoint: str, folder: Path, bucket: str | None = None, names: list[str] | None = None
+) -> str:
+    """Upload a local dataset `folder` (every file, or `names` relative to it) under `data/` of
+    `bucket` on the local S3 server, creating a fresh bucket when none is given; returns the
+    bucket's name."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    if bucket is None:
+        bucket = f"data-{time.time_ns()}"
+        s3.create_bucket(Bucket=bucket)
+    paths = [folder / n for n in names] if names else [p for p in folder.rglob("*") if p.is_file()]
+    for path in paths:
+        s3.upload_file(str(path), bucket, f"data/{path.relative_to(folder)}")
+    return bucket
+
+
+def tiny_networks(crop: int = 48, longest: int = 64) -> list[str]:
+    """Overrides for ResNet-18 classifier and AffinityNet trained one epoch on small crops."""
+    optim = {"algorithm": "adamw", "lr": 1e-3, "head_lr_mult": 1, "epochs": 1, "batch_size": 4}
+    overrides = ["affinity.model.feature_stride=8"]
+    for net in ("classifier", "affinity"):
+        overrides += [
+            f"{net}.model.backbone.name=resnet18",
+            f"{net}.augment.crop_size={crop}",
+            f"{net}.augment.resize_long=[{crop}, {longest}]",
+            *(f"{net}.optim.{k}={v}" for k, v in optim.items()),
+        ]
+    return overrides

@@ -1,0 +1,287 @@
+"""Labeling throughput and memory: the Ray pipeline (`pipelines.label.run`, what `wsss label` runs)
+against the ideal of the same per-image stages run in one process per core.
+
+Both label the same small synthetic images with the same untrained networks (ResNet-18, seeded;
+their model records are written here in the format a training writes, so no training is needed):
+fetch + decode, `wsss.labeling.walk` (CAM + random walk), `wsss.labeling.finish` (dense CRF,
+final mask) and PNG encoding. The ideal is a multiprocessing pool of one process per core (one
+torch thread each) whose workers loaded the networks before the clock starts; it writes nothing.
+The Ray pipeline runs on a local Ray started with two logical CPUs per core, one model actor per
+core, so the CPU tasks (decode, CRF, writing) run beside the actors; its time is the whole
+`run` call (actor start-up, the manifest read and anti-join, writing the shards), and its steady
+rate is measured between the first and the last shard written (their `created_at`).
+
+Peak memory is the summed RSS of the driver and every process it started (Ray's GCS, raylet and
+workers, sampled every 0.2 s); shared pages (the object store) count once per process mapping them.
+
+    flock /tmp/wsss-ray.lock .venv/bin/python bench/label.py --out bench/results/label.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import statistics
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import ray
+import torch
+from common import machine_info
+
+from pipelines import label, shards, storage
+from pipelines.config import RunConfig, load_config
+from pipelines.model_record import (
+    ModelRecord,
+    load_affinity_net,
+    load_classifier,
+    sha256_hex,
+    write_record,
+)
+from wsss import labeling, synthetic
+from wsss.affinity import AffinityNet
+from wsss.classifier import Classifier
+from wsss.imageio import decode_image, encode_mask
+from wsss.synthetic import SyntheticParams
+
+
+def config(args: argparse.Namespace, manifest: Path, work: Path, name: str) -> RunConfig:
+    return load_config(
+        overrides=[
+            f"dataset.manifest={manifest}",
+            f"output={work / 'runs'}",
+            f"name={name}",
+            "classifier.model.backbone.name=resnet18",
+            "affinity.model.backbone.name=resnet18",
+            "affinity.model.feature_stride=8",
+            "cam.scales=[1.0]",
+            f"ray.model_actors={args.cores}",
+            "ray.cpus_per_actor=1",
+            f"label.batch_size={args.batch_size}",
+            f"ray.rows_per_block={args.batch_size * 2}",
+            f"label.min_rows_per_file={args.rows_per_file}",
+        ]
+    )
+
+
+def write_untrained_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
+    """Seeded untrained networks with model records where a training would leave them."""
+    torch.manual_seed(0)
+    networks = {
+        "classifier": (Classifier(len(classes) - 1, cfg.classifier.model), cfg.classifier.model),
+        "affinity": (AffinityNet(cfg.affinity.model), cfg.affinity.model),
+    }
+    uris = {}
+    for stage, (network, params) in networks.items():
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)
+        weights = storage.join(cfg.run_uri, "train", stage, "model.pt")
+        storage.write_bytes(weights, buffer.getvalue(), cfg.storage)
+        uris[stage] = storage.join(cfg.run_uri, "models", f"{stage}.json")
+        record = ModelRecord(
+            stage=stage,
+            checkpoint_uri=storage.parent(weights),
+            weights_uri=weights,
+            weights_sha256=sha256_hex(buffer.getvalue()),
+            classes=classes,
+            backbone=params.backbone.name,
+            model=params.model_dump(mode="json"),
+            epochs=0,
+            config_hash=cfg.hash(),
+            metrics={},
+            skipped_examples=[],
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        write_record(record, uris[stage], cfg)
+    return uris
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and all its descendants until stopped."""
+
+    def __init__(self, interval_s: float = 0.2) -> None:
+        self.interval_s = interval_s
+        self.peak_total = self.peak_driver = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil  # vendored by Ray, importable once ray is imported
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for process in [me, *me.children(recursive=True)]:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:  # it ended between listing and reading
+                    pass
+            self.peak_total = max(self.peak_total, total)
+            self.peak_driver = max(self.peak_driver, me.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- the ideal: the same stages in one process per core ---------------------------------------
+
+_worker: dict = {}
+
+
+def _load_networks(cfg: RunConfig, uris: dict[str, str], classes: list[str]) -> None:
+    torch.set_num_threads(1)
+    _worker.update(
+        cfg=cfg,
+        classifier=load_classifier(uris["classifier"], cfg),
+        affinity_net=load_affinity_net(uris["affinity"], cfg),
+        index={name: i for i, name in enumerate(classes)},
+    )
+
+
+def _label_one(item: tuple[str, list[str]]) -> int:
+    cfg = _worker["cfg"]
+    uri, names = item
+    image = decode_image(storage.read_bytes(uri, cfg.storage), cfg.dataset.max_pixels)
+    labels = [_worker["index"][name] for name in names]
+    walked = labeling.walk(
+        image, labels, _worker["classifier"], _worker["affinity_net"], cfg.cam, cfg.random_walk
+    )
+    return len(encode_mask(labeling.finish(image, walked, cfg.crf, cfg.pseudo_label).mask))
+
+
+def _ready(_: int) -> int:
+    return os.getpid()
+
+
+def ideal(cfg: RunConfig, uris: dict[str, str], classes: list[str], cores: int) -> dict:
+    root = Path(cfg.dataset.manifest).parent
+    rows = [json.loads(line) for line in Path(cfg.dataset.manifest).read_text().splitlines()]
+    items = [(str(root / row["image"]), row["labels"]) for row in rows]
+    context = multiprocessing.get_context("spawn")
+    with PeakMemory() as memory:
+        with context.Pool(cores, initializer=_load_networks, initargs=(cfg, uris, classes)) as pool:
+            while len(set(pool.map(_ready, range(4 * cores), chunksize=1))) < cores:
+                pass  # every worker has loaded the networks
+            started = time.perf_counter()
+            pool.map(_label_one, items, chunksize=8)
+            seconds = time.perf_counter() - started
+    return {
+        "images": len(items),
+        "seconds": round(seconds, 2),
+        "images_per_s": round(len(items) / seconds, 2),
+        "peak_rss_mib": round(memory.peak_total / 2**20),
+    }
+
+
+# --- the Ray pipeline -------------------------------------------------------------------------
+
+
+def steady_rate(out: str, cfg: RunConfig) -> float | None:
+    """Rows per second written after the first shard and up to the last one."""
+    fs, _ = storage.filesystem(out, cfg.storage)
+    files = []
+    for path in shards.shard_files(out, shards.LABELS, cfg.storage):
+        table = pq.read_table(path, filesystem=fs, columns=["created_at"])
+        files.append((table.column("created_at")[0].as_py(), table.num_rows))
+    files.sort()
+    if len(files) < 2:
+        return None
+    span = (files[-1][0] - files[0][0]).total_seconds()
+    return round(sum(n for _, n in files[1:]) / span, 2) if span > 0 else None
+
+
+def with_ray(cfg: RunConfig, uris: dict[str, str], out: Path) -> dict:
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        summary = label.run(
+            cfg,
+            out_uri=str(out),
+            classifier_record=uris["classifier"],
+            affinity_record=uris["affinity"],
+            log=lambda _: None,
+        )
+        seconds = time.perf_counter() - started
+    assert summary["labelled"] == summary["input"], summary
+    return {
+        "images": summary["labelled"],
+        "seconds": round(seconds, 2),
+        "images_per_s": round(summary["labelled"] / seconds, 2),
+        "steady_images_per_s": steady_rate(str(out), cfg),
+        "peak_rss_mib": round(memory.peak_total / 2**20),
+        "peak_driver_rss_mib": round(memory.peak_driver / 2**20),
+        "stages": summary["stages"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[3, 1], help="per size")
+    parser.add_argument("--cores", type=int, default=os.cpu_count())
+    parser.add_argument("--min-side", type=int, default=32)
+    parser.add_argument("--max-side", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows-per-file", type=int, default=200)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    rounds = dict(zip(args.sizes, args.rounds + [1] * len(args.sizes), strict=False))
+
+    work = Path(tempfile.mkdtemp(prefix="wsss-bench-label-"))
+    params = SyntheticParams(
+        n_classes=3, min_side=args.min_side, max_side=args.max_side, max_objects=2
+    )
+    started = time.perf_counter()
+    manifest = synthetic.generate(work / "data", max(args.sizes), 0, params)
+    print(f"{max(args.sizes)} images generated in {time.perf_counter() - started:.0f} s")
+    lines = manifest.read_text().splitlines()
+    classes = (work / "data" / "classes.txt").read_text().split()
+    ray.init(num_cpus=2 * args.cores, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+    results: dict = {"machine": machine_info(torch_threads_per_process=1), "sizes": {}}
+    for size in args.sizes:
+        subset = work / "data" / f"manifest_{size}.jsonl"
+        subset.write_text("\n".join(lines[:size]) + "\n")
+        cfg = config(args, subset, work, f"n{size}")
+        uris = write_untrained_records(cfg, classes)
+        runs: dict[str, list] = {"ideal": [], "ray": []}
+        for r in range(rounds[size]):
+            # Alternate the order so drift from other load on the machine hits both alike.
+            for kind in ("ideal", "ray") if r % 2 == 0 else ("ray", "ideal"):
+                if kind == "ideal":
+                    result = ideal(cfg, uris, classes, args.cores)
+                else:
+                    result = with_ray(cfg, uris, work / "out" / f"n{size}-r{r}")
+                runs[kind].append(result)
+                print(f"{size} images, round {r + 1}, {kind}: {json.dumps(result)}", flush=True)
+        med = {
+            kind: {
+                key: statistics.median(run[key] for run in results_)
+                for key in ("images_per_s", "peak_rss_mib")
+            }
+            for kind, results_ in runs.items()
+        }
+        steady = [run["steady_images_per_s"] for run in runs["ray"] if run["steady_images_per_s"]]
+        med["ray"]["steady_images_per_s"] = statistics.median(steady) if steady else None
+        results["sizes"][size] = {"runs": runs, "median": med}
+        print(f"{size} images, medians: {json.dumps(med)}", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

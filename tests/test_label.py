@@ -1,0 +1,388 @@
+"""`wsss label` on the local Ray instance and S3 server: shards out, bad inputs as error rows,
+re-runs that add nothing, a killed run started again, and masks equal to the in-process ones.
+
+The model records name untrained networks (seeded), written the way a finished training writes
+them: training is `tests/test_train.py`'s subject and takes minutes on two cores, while the
+labeling pipeline only needs a record, its checkpoint and its class list.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+import torch
+from PIL import Image
+
+from pipelines import label, shards, storage
+from pipelines.config import RunConfig, load_config
+from pipelines.model_record import (
+    ModelRecord,
+    load_affinity_net,
+    load_classifier,
+    sha256_hex,
+    write_record,
+)
+from wsss import labeling, synthetic
+from wsss.affinity import AffinityNet
+from wsss.classifier import Classifier
+from wsss.imageio import decode_mask, read_image
+from wsss.synthetic import SyntheticParams
+
+pytestmark = pytest.mark.slow
+
+N_IMAGES = 56
+MAX_PIXELS = 5000  # the synthetic images have at most 64 x 64 = 4096
+# image_id -> (stage, error_type) of every input that cannot be labelled.
+BAD = {
+    "synth-000001": ("decode", "ImageDecodeError"),  # zero bytes
+    "synth-000002": ("decode", "ImageDecodeError"),  # truncated
+    "synth-000003": ("decode", "ImageDecodeError"),  # not an image
+    "synth-000004": ("decode", "ImageTooLargeError"),  # 100 x 100 > MAX_PIXELS
+    "missing": ("fetch", "FileNotFoundError"),  # not in the bucket
+    "zebra": ("manifest", "ManifestError"),  # label not in the class list
+    "synth-000006": ("manifest", "DuplicateImageId"),  # a second row has its image_id
+}
+MALFORMED_LINE = '{"image": "images/synth-000008.png", "labels": [}'
+EXTRA_ROWS = [
+    {"image_id": "missing", "image": "images/missing.png", "labels": []},
+    {"image_id": "zebra", "image": "images/synth-000005.png", "labels": ["zebra"]},
+    {"image_id": "synth-000006", "image": "images/synth-000007.png", "labels": []},
+]
+INPUT_ROWS = N_IMAGES + len(EXTRA_ROWS) + 1
+ERRORS = len(BAD) + 1  # and the malformed line
+LABELLED = N_IMAGES - 5  # synth-000001..4 unreadable, synth-000006 duplicated
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """56 synthetic images, four of them spoilt, and four extra manifest rows."""
+    params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
+    manifest = synthetic.generate(tmp_path_factory.mktemp("data"), N_IMAGES, 2, params)
+    images = manifest.parent / "images"
+    (images / "synth-000001.png").write_bytes(b"")
+    truncated = images / "synth-000002.png"
+    truncated.write_bytes(truncated.read_bytes()[:80])
+    (images / "synth-000003.png").write_bytes(b"GIF? no, plain text")
+    Image.new("RGB", (100, 100), (9, 9, 9)).save(images / "synth-000004.png")
+    with manifest.open("a") as f:
+        for row in EXTRA_ROWS:
+            f.write(json.dumps(row) + "\n")
+        f.write(MALFORMED_LINE + "\n")
+    return manifest.parent
+
+
+def model_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
+    """Records of seeded, untrained networks under the run's models/, as training writes them."""
+    torch.manual_seed(0)
+    networks = {
+        "classifier": (Classifier(len(classes) - 1, cfg.classifier.model), cfg.classifier.model),
+        "affinity": (AffinityNet(cfg.affinity.model), cfg.affinity.model),
+    }
+    uris = {}
+    for stage, (network, params) in networks.items():
+        buffer = io.BytesIO()
+        torch.save(network.state_dict(), buffer)
+        checkpoint = storage.join(cfg.run_uri, "train", stage, "epoch_0000")
+        weights = storage.join(checkpoint, "model.pt")
+        storage.write_bytes(weights, buffer.getvalue(), cfg.storage)
+        record = ModelRecord(
+            stage=stage,
+            checkpoint_uri=checkpoint,
+            weights_uri=weights,
+            weights_sha256=sha256_hex(buffer.getvalue()),
+            classes=classes,
+            backbone=params.backbone.name,
+            model=params.model_dump(mode="json"),
+            epochs=1,
+            config_hash=cfg.hash(),
+            metrics={},
+            skipped_examples=[],
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        uris[stage] = storage.join(cfg.run_uri, "models", f"{stage}.json")
+        write_record(record, uris[stage], cfg)
+    return uris
+
+
+def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
+    return [
+        f"dataset.manifest={manifest}",
+        f"dataset.max_pixels={MAX_PIXELS}",
+        f"output={output}",
+        f"storage.s3_endpoint_url={endpoint}",
+        "name=tiny",
+        "classifier.model.backbone.name=resnet18",
+        "affinity.model.backbone.name=resnet18",
+        "affinity.model.feature_stride=8",
+        "cam.scales=[1.0]",
+        "random_walk.logt=5",
+        "crf.iterations=3",
+        "ray.rows_per_block=8",
+        "label.batch_size=4",
+        "label.min_rows_per_file=8",
+    ]
+
+
+@pytest.fixture(scope="module")
+def cfg(ray_cluster, s3_endpoint, data_dir) -> RunConfig:
+    """Dataset and run folder in a fresh bucket; the model records in the run's models/."""
+    bucket = f"label-{time.time_ns()}"
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    for path in data_dir.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"data/{path.relative_to(data_dir)}")
+    manifest = f"s3://{bucket}/data/manifest.jsonl"
+    cfg = load_config(overrides=tiny_overrides(manifest, f"s3://{bucket}/runs", s3_endpoint))
+    model_records(cfg, (data_dir / "classes.txt").read_text().split())
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def first_run(cfg) -> dict:
+    return label.run(cfg, log=lambda _: None)
+
+
+def rows(cfg: RunConfig, kind: shards.Kind, out: str | None = None) -> pa.Table:
+    """Every row of the `kind` shards, read back with pyarrow alone."""
+    out = out or cfg.run_uri
+    fs, _ = storage.filesystem(out, cfg.storage)
+    files = shards.shard_files(out, kind, cfg.storage)
+    return pa.concat_tables(pq.read_table(path, filesystem=fs) for path in files)
+
+
+def manifest_ids(data_dir: Path) -> set[str]:
+    ids = set()
+    for line in (data_dir / "manifest.jsonl").read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        ids.add(record.get("image_id") or Path(record["image"]).with_suffix("").as_posix())
+    return ids
+
+
+def test_every_input_row_ends_in_labels_or_errors_with_the_shard_schema(cfg, first_run):
+    summary = first_run
+    assert summary["input"] == INPUT_ROWS
+    assert (summary["labelled"], summary["errors"], summary["skipped"]) == (LABELLED, ERRORS, 1)
+    assert summary["skipped_by_reason"] == {"duplicate": 1}
+    assert summary["input"] == summary["labelled"] + summary["errors"] + summary["skipped"]
+    assert summary["config_hash"] == cfg.hash() and len(summary["model_version"]) == 16
+    assert summary["images_per_s"] > 0 and any("Walker" in name for name in summary["stages"])
+    saved = json.loads(storage.read_bytes(f"{cfg.run_uri}/label_summary.json", cfg.storage))
+    assert saved == summary
+    per_run = f"{cfg.run_uri}/label_runs/{summary['run_id']}.json"
+    assert json.loads(storage.read_bytes(per_run, cfg.storage)) == summary
+
+    labels, errors = rows(cfg, "labels"), rows(cfg, "errors")
+    assert labels.schema.remove_metadata() == shards.LABELS_SCHEMA
+    assert errors.schema.remove_metadata() == shards.ERRORS_SCHEMA
+    metadata = labels.schema.metadata
+    assert json.loads(metadata[b"wsss.classes"])[0] == "background"
+    assert metadata[b"wsss.schema_version"] == shards.SCHEMA_VERSION.encode()
+    assert labels.num_rows == LABELLED and errors.num_rows == ERRORS
+    ids = labels.column("image_id").to_pylist() + errors.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids))  # no image_id twice in the output
+    assert len(shards.shard_files(cfg.run_uri, "labels", cfg.storage)) > 1
+    for row in labels.to_pylist():
+        mask = decode_mask(row["mask"])
+        assert mask.shape == (row["height"], row["width"])
+        assert set(np.unique(mask)) <= {0, 1, 2, 3, 255}
+        assert 0 <= row["confidence"] <= 1 and 0 <= row["ignore_fraction"] <= 1
+        assert row["mask_cam"] is None and row["mask_rw"] is None
+        assert row["model_version"] == summary["model_version"]
+        assert row["image"].startswith("s3://") and row["image"].endswith(".png")
+
+
+def test_bad_inputs_become_error_rows_naming_stage_and_type(first_run, cfg):
+    errors = {row["image_id"]: row for row in rows(cfg, "errors").to_pylist()}
+    for image_id, (stage, error_type) in BAD.items():
+        assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == (stage, error_type)
+    assert "empty data" in errors["synth-000001"]["message"]
+    assert "truncated" in errors["synth-000002"]["message"]
+    assert "not an image" in errors["synth-000003"]["message"]
+    assert "max_pixels 5000" in errors["synth-000004"]["message"]
+    assert "unknown class 'zebra'" in errors["zebra"]["message"]
+    assert "2 manifest rows" in errors["synth-000006"]["message"]
+    malformed = [row for image_id, row in errors.items() if image_id.startswith("manifest-row-")]
+    assert len(malformed) == 1 and "malformed JSON" in malformed[0]["message"]
+    assert all(row["model_version"] == first_run["model_version"] for row in errors.values())
+
+
+def test_masks_are_those_of_the_in_process_pipeline(first_run, cfg, data_dir):
+    classifier = load_classifier(f"{cfg.run_uri}/models/classifier.json", cfg)
+    affinity_net = load_affinity_net(f"{cfg.run_uri}/models/affinity.json", cfg)
+    classes = (data_dir / "classes.txt").read_text().split()
+    labelled = rows(cfg, "labels").to_pylist()
+    assert len({row["mask"] for row in labelled}) > 1  # not one constant mask
+    for row in labelled:
+        image = read_image(data_dir / "images" / f"{row['image_id']}.png")
+        indices = [classes.index(name) for name in row["labels"]]
+        walked = labeling.walk(image, indices, classifier, affinity_net, cfg.cam, cfg.random_walk)
+        expected = labeling.finish(image, walked, cfg.crf, cfg.pseudo_label)
+        np.testing.assert_array_equal(decode_mask(row["mask"]), expected.mask, row["image_id"])
+        assert row["confidence"] == pytest.approx(expected.confidence, rel=1e-6)
+
+
+def test_second_run_adds_nothing_and_counts_every_row_skipped(first_run, cfg):
+    before = {kind: shards.shard_files(cfg.run_uri, kind, cfg.storage) for kind in shards.SCHEMAS}
+    again = label.run(cfg, log=lambda _: None)
+    assert (again["labelled"], again["errors"]) == (0, 0)
+    assert again["skipped"] == again["input"] == INPUT_ROWS
+    assert again["skipped_by_reason"] == {"already_done": INPUT_ROWS}
+    assert again["model_version"] == first_run["model_version"]
+    after = {kind: shards.shard_files(cfg.run_uri, kind, cfg.storage) for kind in shards.SCHEMAS}
+    assert after == before
+
+
+def test_force_relabels_once_more_and_keeps_the_stages(first_run, cfg):
+    old = {row["image_id"]: row["mask"] for row in rows(cfg, "labels").to_pylist()}
+    forced = label.run(cfg, force=True, keep_stages=True, log=lambda _: None)
+    assert (forced["labelled"], forced["errors"], forced["skipped"]) == (LABELLED, ERRORS, 1)
+    assert forced["retired_files"] > 0
+    labels = rows(cfg, "labels").to_pylist()
+    assert sorted(row["image_id"] for row in labels) == sorted(old)  # each once, as before
+    assert rows(cfg, "errors").num_rows == ERRORS
+    superseded = f"{cfg.run_uri}/{shards.SUPERSEDED_DIR}/{forced['run_id']}"
+    assert shards.shard_files(superseded, "labels", cfg.storage)  # moved, not deleted
+    for row in labels:
+        assert row["mask"] == old[row["image_id"]]  # same models, same masks
+        for column in ("mask_cam", "mask_rw"):
+            assert decode_mask(row[column]).shape == (row["height"], row["width"])
+
+
+def test_readers_yield_image_and_mask_arrays(first_run, cfg):
+    dataset = shards.PseudoLabelDataset(cfg.run_uri, cfg.storage)
+    assert len(dataset) == LABELLED
+    stored = {row["image_id"]: row for row in rows(cfg, "labels").to_pylist()}
+    for index in (0, 17, len(dataset) - 1):
+        item = dataset[index]
+        row = stored[item["image_id"]]
+        assert item["image"].shape == (row["height"], row["width"], 3)
+        assert item["image"].dtype == np.uint8
+        np.testing.assert_array_equal(item["mask"], decode_mask(row["mask"]))
+    with pytest.raises(IndexError):
+        dataset[LABELLED]
+
+    streamed = shards.read_pseudo_labels(cfg.run_uri, cfg.storage, batch_size=16).take_all()
+    assert sorted(row["image_id"] for row in streamed) == sorted(stored)
+    for row in streamed:
+        height, width = stored[row["image_id"]]["height"], stored[row["image_id"]]["width"]
+        assert row["image"].shape == (height, width, 3) and row["mask"].shape == (height, width)
+    raw = shards.read_shard_rows(cfg.run_uri, cfg.storage, "errors", model_version=None)
+    assert raw.count() == ERRORS
+
+
+def test_killed_run_started_again_ends_with_one_row_per_image(
+    first_run, cfg, data_dir, tmp_path, s3_endpoint
+):
+    out = tmp_path / "killed"
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines.cli",
+        "label",
+        *(
+            arg
+            for item in tiny_overrides(cfg.dataset.manifest, cfg.output, s3_endpoint)
+            for arg in ("--set", item)
+        ),
+        "--set",
+        f"ray.address={ray.get_runtime_context().gcs_address}",
+        "--set",
+        "label.min_rows_per_file=4",
+        "--out",
+        str(out),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ)
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not shards.shard_files(str(out), "labels", cfg.storage):
+            assert process.poll() is None, "the run ended before any shard was written"
+            assert time.monotonic() < deadline, "no shard after 240 s"
+            time.sleep(0.1)
+    finally:
+        process.kill()
+        process.wait()
+    assert not (out / shards.SUMMARY_FILE).exists(), "the run finished before it was killed"
+    written = rows(cfg, "labels", str(out)).num_rows
+    assert 0 < written < LABELLED
+    # A shard a killed writer left half-written is never read (only finished files count).
+    (out / "labels" / "0_killed_000000.parquet.tmp").write_bytes(b"PAR1 truncated")
+    deadline = time.monotonic() + 60  # Ray releases the killed job's workers
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    restarted = label.run(cfg, out_uri=str(out), log=lambda _: None)
+    assert restarted["input"] == INPUT_ROWS
+    assert restarted["skipped_by_reason"]["already_done"] >= written
+    assert restarted["labelled"] + restarted["skipped_by_reason"]["already_done"] >= LABELLED
+    labels, errors = rows(cfg, "labels", str(out)), rows(cfg, "errors", str(out))
+    ids = labels.column("image_id").to_pylist() + errors.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == INPUT_ROWS - 1  # one duplicate row is skipped for good
+    assert set(ids) >= manifest_ids(data_dir)
+    assert labels.num_rows == LABELLED and errors.num_rows == ERRORS
+
+
+# --- without Ray ------------------------------------------------------------------------------
+
+
+def group(*rows_: dict) -> pa.Table:
+    return pa.Table.from_pylist(list(rows_), schema=label.ROW_SCHEMA)
+
+
+def test_anti_join_group_skips_done_images_and_fails_duplicates():
+    row = label._row("a", "s3://b/a.png", ["cat"])
+    marker = label._row("a", None, [], "done_marker")
+    assert label.resolve_group(group(row)).to_pylist() == [row]
+    assert label.resolve_group(group(marker)).num_rows == 0
+    skipped = label.resolve_group(group(row, marker, row)).column("outcome").to_pylist()
+    assert skipped == [label.ALREADY_DONE] * 2
+    other = row | {"image": "s3://b/0.png"}
+    first, second = label.resolve_group(group(row, other)).to_pylist()
+    assert (first["outcome"], first["error_type"], first["image"]) == (
+        label.ERROR,
+        "DuplicateImageId",
+        "s3://b/0.png",
+    )
+    assert second["outcome"] == label.DUPLICATE
+
+
+def test_manifest_records_are_validated_row_by_row():
+    index = {"background": 0, "cat": 1, "dog": 2}
+    good = label.validate_record(
+        {"image": "x/a.png", "labels": ["dog", "cat"]}, index, "s3://b", ""
+    )
+    assert (good["image_id"], good["image"], good["labels"]) == (
+        "x/a",
+        "s3://b/x/a.png",
+        ["cat", "dog"],
+    )
+    assert good["outcome"] == label.OK
+    bad = label.validate_record({"image": "a.png", "labels": "cat", "size": 3}, index, "/r", "raw")
+    assert (bad["image_id"], bad["outcome"], bad["error_stage"]) == (
+        "a.png",
+        label.ERROR,
+        "manifest",
+    )
+    assert "labels: must be a list" in bad["error_message"] and "size" in bad["error_message"]
+    anonymous = label.validate_record([1], index, "/r", "[1]")
+    assert anonymous["image_id"].startswith("manifest-row-") and anonymous["image"] == ""
+    assert label.validate_record([1], index, "/r", "[1]") == anonymous  # found again by a re-run
