@@ -19,6 +19,7 @@ import torch
 
 from pipelines import storage
 from pipelines.config import RunConfig
+from pipelines.evaluate import format_table, round_metric, stage_result
 from pipelines.inputs import load_manifest, resolve_weights
 from wsss import labeling
 from wsss.affinity import affinity_label_map, train_affinity_net
@@ -141,17 +142,17 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
             stages["crf"].update(out.mask, e.mask)
     lap("crf", t)
 
+    evaluated = sum(e.mask is not None for e in examples)
     best_threshold = max(sweep, key=lambda thr: np.nan_to_num(sweep[thr].miou(), nan=-1.0))
     summary = {
         "images": len(examples),
-        "evaluated": sum(e.mask is not None for e in examples),
+        "evaluated": evaluated,
         "classes": manifest.classes,
         "classifier_train_map": round(float(train_map), 4),
-        "miou": {name: _round(m.miou()) for name, m in stages.items()},
-        "iou": {name: [_round(v) for v in m.iou()] for name, m in stages.items()},
-        "cam_threshold_sweep": {str(thr): _round(m.miou()) for thr, m in sweep.items()},
+        "stages": {name: stage_result(m, evaluated) for name, m in stages.items()},
+        "cam_threshold_sweep": {str(thr): round_metric(m.miou()) for thr, m in sweep.items()},
         "cam_best_threshold": best_threshold,
-        "cam_best_miou": _round(sweep[best_threshold].miou()),
+        "cam_best_miou": round_metric(sweep[best_threshold].miou()),
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
         "config_hash": cfg.hash(),
     }
@@ -164,26 +165,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def _round(value: float) -> float | None:
-    return None if np.isnan(value) else round(float(value), 4)
-
-
-def format_table(summary: dict) -> str:
-    """The per-stage mIoU table (and per-class IoU) as printed by `wsss run-local`."""
-    names = summary["classes"]
-    header = f"| stage | mIoU | {' | '.join(names)} |"
-    lines = [header, "|" + "---|" * (len(names) + 2)]
-    for stage, miou in summary["miou"].items():
-        ious = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in summary["iou"][stage])
-        shown = "-" if miou is None else f"{100 * miou:.1f}"
-        lines.append(f"| {stage} | {shown} | {ious} |")
-    return "\n".join(lines)
-
-
 def main(cfg: RunConfig) -> dict:
     summary = run(cfg)
     print()
-    print(format_table(summary))
+    print(format_table(summary["classes"], summary["stages"]))
     print()
     best = summary["cam_best_miou"]
     print(

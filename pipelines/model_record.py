@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
@@ -111,3 +112,33 @@ def load_affinity_net(uri: str, cfg: RunConfig) -> AffinityNet:
     model = AffinityNet(AffinityNetParams.model_validate(record.model))
     model.load_state_dict(load_weights(record, cfg))
     return model.eval()
+
+
+def save_model(
+    model: Classifier | AffinityNet, classes: list[str], cfg: RunConfig, folder: str
+) -> ModelRecord:
+    """Store a network trained outside `wsss train-*` (in process, or imported) as weights in
+    `folder` and a model record at this run's `record_uri`, so later stages load it like one
+    Ray Train produced."""
+    stage: Stage = "classifier" if isinstance(model, Classifier) else "affinity"
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    weights = buffer.getvalue()
+    weights_uri = storage.join(folder, WEIGHTS_FILE)
+    storage.write_bytes(weights_uri, weights, cfg.storage)
+    record = ModelRecord(
+        stage=stage,
+        checkpoint_uri=folder,
+        weights_uri=weights_uri,
+        weights_sha256=sha256_hex(weights),
+        classes=classes,
+        backbone=model.params.backbone.name,
+        model=model.params.model_dump(mode="json"),
+        epochs=0,
+        config_hash=cfg.hash(),
+        metrics={},
+        skipped_examples=[],
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_record(record, record_uri(cfg, stage), cfg)
+    return record

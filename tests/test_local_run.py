@@ -6,6 +6,7 @@ import pytest
 
 from pipelines import local_run
 from pipelines.config import load_config
+from pipelines.evaluate import format_table
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
 
@@ -38,17 +39,17 @@ def test_run_local_trains_labels_and_reports_every_stage(tmp_path):
     summary = local_run.run(cfg, log=lines.append)
 
     assert summary["images"] == summary["evaluated"] == 12
-    assert set(summary["miou"]) == {"cam", "random_walk", "crf"}
-    for miou in summary["miou"].values():
-        assert 0.0 <= miou <= 1.0
-    assert len(summary["iou"]["crf"]) == 4  # background + 3 classes
+    assert set(summary["stages"]) == {"cam", "random_walk", "crf"}
+    for stage in summary["stages"].values():
+        assert 0.0 <= stage["miou"] <= 1.0 and stage["images"] == 12
+    assert len(summary["stages"]["crf"]["iou"]) == 4  # background + 3 classes
     assert summary["cam_best_miou"] >= summary["cam_threshold_sweep"]["0.15"]
     assert any("classifier epoch 1" in line for line in lines)
 
     out = tmp_path / "runs" / "tiny" / "local"
     assert load_config(out / "config.yaml") == cfg  # the resolved config is saved beside
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["miou"] == summary["miou"] and saved["config_hash"] == cfg.hash()
-    table = local_run.format_table(summary)
+    assert saved["stages"] == summary["stages"] and saved["config_hash"] == cfg.hash()
+    table = format_table(summary["classes"], summary["stages"])
     assert table.splitlines()[0].startswith("| stage | mIoU | background |")
     assert len(table.splitlines()) == 5

@@ -1,0 +1,183 @@
+"""`wsss evaluate`: mIoU of the pseudo-label shards against the manifest's ground-truth masks.
+
+The shards are streamed through Ray Data: each task decodes its rows' masks (final, and the CAM
+and random-walk masks when the labeling run kept them), fetches the ground truth and returns one
+confusion matrix per stage (`wsss.metrics.ConfusionMatrix`); the driver only merges those small
+matrices. Ground truth is a human annotation and exists for an evaluation subset, so the
+image_id -> mask URI map of the manifest's annotated rows is what the tasks receive.
+
+Prints a table of mIoU and per-class IoU per stage and writes the same as JSON (default
+`<out>/evaluation.json`). Pixels whose ground truth is 255 are not counted; when no pixel is left
+the stage reports that nothing was evaluated instead of a number.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import numpy as np
+
+from pipelines import gallery, shards, storage
+from pipelines.config import ConfigError, RunConfig
+from pipelines.inputs import load_manifest
+from pipelines.storage import StorageConfig
+from pipelines.train import connect
+from wsss.imageio import decode_mask
+from wsss.metrics import ConfusionMatrix
+
+RESULT_FILE = "evaluation.json"
+# Stage name -> shard column holding its mask. The final mask is the CRF's, thresholded.
+STAGE_COLUMNS = {"cam": "mask_cam", "random_walk": "mask_rw", "crf": "mask"}
+
+
+def labels_uri(cfg: RunConfig) -> str:
+    """Where `wsss label` of `cfg` writes (and evaluation reads) the shards."""
+    return cfg.label.out or cfg.run_uri
+
+
+def score_batch(
+    batch: dict[str, np.ndarray],
+    ground_truth: dict[str, str],
+    n_classes: int,
+    config: StorageConfig,
+) -> dict[str, np.ndarray]:
+    """Ray Data step: shard rows -> one row per stage with the batch's confusion counts, and
+    how many rows had ground truth."""
+    matrices = {stage: ConfusionMatrix(n_classes) for stage in STAGE_COLUMNS}
+    present = {stage: False for stage in STAGE_COLUMNS}
+    evaluated = 0
+    for i, image_id in enumerate(batch["image_id"]):
+        truth_uri = ground_truth.get(str(image_id))
+        if truth_uri is None:
+            continue
+        truth = decode_mask(storage.read_bytes(truth_uri, config))
+        evaluated += 1
+        for stage, column in STAGE_COLUMNS.items():
+            png = batch[column][i] if column in batch else None
+            if png is None:
+                continue
+            pred = decode_mask(png)
+            if pred.shape != truth.shape:
+                raise ValueError(
+                    f"{image_id}: {column} is {pred.shape}, its ground truth {truth_uri} is "
+                    f"{truth.shape}"
+                )
+            matrices[stage].update(pred, truth)
+            present[stage] = True
+    stages = [stage for stage in STAGE_COLUMNS if present[stage]]
+    return {
+        "stage": np.array(stages, dtype=object),
+        "counts": np.array([matrices[s].counts.ravel() for s in stages]).reshape(len(stages), -1),
+        "images": np.full(len(stages), evaluated, dtype=np.int64),
+    }
+
+
+def round_metric(value: float) -> float | None:
+    return None if np.isnan(value) else round(float(value), 4)
+
+
+def stage_result(matrix: ConfusionMatrix, images: int) -> dict:
+    """JSON-ready result of one stage; mIoU None (with a reason) when no pixel was evaluated."""
+    result: dict = {"images": images, "pixels": matrix.total}
+    if matrix.total == 0:
+        note = "nothing evaluated: every ground-truth pixel is 255 (ignore)"
+        result.update(miou=None, iou=None, note=note)
+        return result
+    result.update(
+        miou=round_metric(matrix.miou()),
+        iou=[round_metric(v) for v in matrix.iou()],
+        pixel_accuracy=round_metric(matrix.pixel_accuracy()),
+        counts=matrix.counts.tolist(),
+    )
+    return result
+
+
+def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LATEST) -> dict:
+    """Confusion matrices per stage of the shards under `out_uri` against the ground truth of
+    `cfg.dataset.manifest`, as the result dict written to JSON."""
+    manifest = load_manifest(cfg)
+    ground_truth = {row.image_id: row.mask for row in manifest.rows if row.mask}
+    if not ground_truth:
+        raise ConfigError(
+            f"dataset.manifest {cfg.dataset.manifest} has no ground-truth masks (no row has a "
+            "`mask`): there is nothing to evaluate against"
+        )
+    n_classes = len(manifest.classes)
+    model_version = shards.resolve_model_version(out_uri, cfg.storage, model_version)
+    rows = shards.read_shard_rows(
+        out_uri, cfg.storage, shards.LABELS, model_version, ["image_id", *STAGE_COLUMNS.values()]
+    )
+    scored = rows.map_batches(
+        score_batch,
+        fn_kwargs={"ground_truth": ground_truth, "n_classes": n_classes, "config": cfg.storage},
+        batch_size=cfg.ray.rows_per_block,
+        batch_format="numpy",
+    )
+    matrices: dict[str, ConfusionMatrix] = {}
+    images: dict[str, int] = {}
+    for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        for stage, counts, n in zip(batch["stage"], batch["counts"], batch["images"], strict=True):
+            partial = ConfusionMatrix(n_classes, counts.reshape(n_classes, n_classes + 1))
+            matrices[stage] = matrices[stage].merge(partial) if stage in matrices else partial
+            images[stage] = images.get(stage, 0) + int(n)
+    return {
+        "labels": out_uri,
+        "manifest": cfg.dataset.manifest,
+        "model_version": model_version,
+        "classes": manifest.classes,
+        "ground_truth_images": len(ground_truth),
+        "stages": {
+            stage: stage_result(matrices[stage], images[stage])
+            for stage in STAGE_COLUMNS
+            if stage in matrices
+        },
+    }
+
+
+def format_table(classes: list[str], stages: dict[str, dict]) -> str:
+    """Markdown table: a row per stage with its mIoU and per-class IoU, in percent. `stages`
+    maps a stage to {"miou", "iou"}, None where nothing was evaluated."""
+    lines = [f"| stage | mIoU | {' | '.join(classes)} |", "|" + "---|" * (len(classes) + 2)]
+    for stage, result in stages.items():
+        ious = result["iou"] or [None] * len(classes)
+        cells = " | ".join("-" if v is None else f"{100 * v:.1f}" for v in ious)
+        miou = "nothing evaluated" if result["miou"] is None else f"{100 * result['miou']:.1f}"
+        lines.append(f"| {stage} | {miou} | {cells} |")
+    return "\n".join(lines)
+
+
+def report_uri(cfg: RunConfig, out_uri: str) -> str:
+    """Where the evaluation of the shards under `out_uri` writes its JSON and gallery."""
+    return cfg.evaluate.out or out_uri
+
+
+def run(
+    cfg: RunConfig,
+    out_uri: str | None = None,
+    model_version: str | None = shards.LATEST,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Evaluate the shards under `out_uri` (default: where `wsss label` of `cfg` writes), print
+    the table, write the result JSON and, with evaluate.gallery_images, the overlay gallery."""
+    out_uri = out_uri or labels_uri(cfg)
+    connect(cfg)
+    result = evaluate(out_uri, cfg, model_version)
+    report = report_uri(cfg, out_uri)
+    result_uri = storage.join(report, RESULT_FILE)
+    storage.write_bytes(result_uri, json.dumps(result, indent=2).encode(), cfg.storage)
+    log(format_table(result["classes"], result["stages"]))
+    for stage, r in result["stages"].items():
+        if r["miou"] is None:
+            log(f"{stage}: {r['note']} ({r['images']} image(s) with ground truth)")
+    log(f"{result['ground_truth_images']} image(s) with ground truth; result in {result_uri}")
+    if cfg.evaluate.gallery_images:
+        written = gallery.write_gallery(
+            out_uri,
+            cfg,
+            storage.join(report, gallery.FOLDER),
+            cfg.evaluate.gallery_images,
+            result["model_version"],
+        )
+        log(f"gallery: {written['contact_sheet']} and {written['page']}")
+    return result

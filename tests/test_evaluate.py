@@ -1,0 +1,145 @@
+"""`wsss evaluate` on shards written here with known masks: exact scores, and no score at all
+when the ground truth is entirely ignore."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import evaluate, gallery, shards
+from pipelines.config import load_config
+from wsss import synthetic
+from wsss.imageio import IGNORE_INDEX, encode_mask, read_mask
+from wsss.metrics import ConfusionMatrix
+from wsss.synthetic import SyntheticParams
+
+pytestmark = pytest.mark.slow
+N_IMAGES = 6
+VERSION = "v0test"
+
+
+def write_shard(out: Path, data_dir: Path, predict) -> None:
+    """One labels/ file of model version VERSION: for each image, the final mask and the CAM
+    mask are the ground truth and the walk's mask is `predict(ground truth)`."""
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    classes = (data_dir / "classes.txt").read_text().split()
+    records = []
+    for row in rows:
+        truth = read_mask(data_dir / row["mask"])
+        records.append(
+            {
+                "image_id": row["image_id"],
+                "image": str(data_dir / row["image"]),
+                "height": truth.shape[0],
+                "width": truth.shape[1],
+                "labels": row["labels"],
+                "mask": encode_mask(truth),
+                "confidence": 1.0,
+                "ignore_fraction": float((truth == IGNORE_INDEX).mean()),
+                "mask_cam": encode_mask(truth),
+                "mask_rw": encode_mask(predict(truth)),
+                "model_version": VERSION,
+                "config_hash": "test",
+                "created_at": datetime.now(UTC),
+            }
+        )
+    table = pa.Table.from_pylist(records, schema=shards.file_schema(shards.LABELS, classes))
+    path = out / shards.LABELS / shards.shard_name(VERSION, "run", 0)
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path)
+
+
+@pytest.fixture()
+def data_dir(tmp_path) -> Path:
+    params = SyntheticParams(n_classes=3, min_side=40, max_side=56, max_objects=2)
+    return synthetic.generate(tmp_path / "data", N_IMAGES, 5, params).parent
+
+
+def config(data_dir: Path, tmp_path: Path):
+    return load_config(
+        overrides=[
+            f"dataset.manifest={data_dir / 'manifest.jsonl'}",
+            f"output={tmp_path / 'runs'}",
+            "evaluate.gallery_images=4",
+        ]
+    )
+
+
+def all_background(truth: np.ndarray) -> np.ndarray:
+    return np.where(truth == IGNORE_INDEX, IGNORE_INDEX, 0).astype(np.uint8)
+
+
+def test_ground_truth_as_labels_scores_one_and_the_gallery_shows_it(
+    ray_cluster, data_dir, tmp_path
+):
+    out = tmp_path / "out"
+    write_shard(out, data_dir, all_background)
+    lines: list[str] = []
+    result = evaluate.run(
+        config(data_dir, tmp_path), str(out), model_version=VERSION, log=lines.append
+    )
+
+    stages = result["stages"]
+    assert stages["crf"]["miou"] == 1.0 and stages["cam"]["miou"] == 1.0
+    assert stages["crf"]["images"] == N_IMAGES
+    # The walk's all-background masks, scored independently of the pipeline.
+    expected = ConfusionMatrix(4)
+    for mask in sorted((data_dir / "masks").glob("*.png")):
+        truth = read_mask(mask)
+        expected.update(all_background(truth), truth)
+    assert stages["random_walk"]["miou"] == pytest.approx(expected.miou(), abs=1e-4)
+    assert stages["random_walk"]["counts"] == expected.counts.tolist()
+    assert stages["random_walk"]["miou"] < 0.5
+
+    saved = json.loads((out / evaluate.RESULT_FILE).read_text())
+    assert saved["stages"] == stages
+    table = "\n".join(lines)
+    assert "| crf | 100.0 |" in table and "| cam | 100.0 |" in table
+
+    # The gallery (evaluate.gallery_images, here 4): image, ground truth, CAM, final per row.
+    folder = out / gallery.FOLDER
+    sheet = np.asarray(Image.open(folder / "gallery.png"))
+    assert sheet.ndim == 3 and sheet.shape[0] > 4 * 40  # four rows of tiles with captions
+    page = (folder / "index.html").read_text()
+    pictures = re.findall(r'<img src="([^"]+)"', page)
+    assert len(pictures) == 4 * 4
+    for name in pictures:
+        assert np.asarray(Image.open(folder / name)).ndim == 3
+    assert page.count("(final mIoU 100)") == 4  # the final masks are the ground truth
+    assert "background" in page and "ignore (255)" in page
+
+
+def test_all_ignore_ground_truth_reports_nothing_evaluated(ray_cluster, data_dir, tmp_path):
+    for mask in (data_dir / "masks").glob("*.png"):
+        shape = read_mask(mask).shape
+        mask.write_bytes(encode_mask(np.full(shape, IGNORE_INDEX, np.uint8)))
+    out = tmp_path / "out"
+    write_shard(out, data_dir, lambda truth: truth)
+    lines: list[str] = []
+    result = evaluate.run(
+        config(data_dir, tmp_path), str(out), model_version=VERSION, log=lines.append
+    )
+
+    for stage in ("cam", "random_walk", "crf"):
+        assert result["stages"][stage]["miou"] is None
+        assert result["stages"][stage]["pixels"] == 0
+        assert "nothing evaluated" in result["stages"][stage]["note"]
+    assert "| crf | nothing evaluated |" in "\n".join(lines)
+
+
+def test_a_manifest_without_ground_truth_is_refused(ray_cluster, data_dir, tmp_path):
+    manifest = data_dir / "manifest.jsonl"
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    manifest.write_text(
+        "".join(json.dumps({k: v for k, v in r.items() if k != "mask"}) + "\n" for r in rows)
+    )
+    with pytest.raises(evaluate.ConfigError, match="no ground-truth masks"):
+        evaluate.run(config(data_dir, tmp_path), str(tmp_path / "out"), model_version=VERSION)
