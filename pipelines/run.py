@@ -1,0 +1,116 @@
+"""`wsss run`: every stage of a run in order: train-classifier, train-affinity, label, evaluate.
+
+A finished stage leaves a marker `<run>/stages/<stage>.json` holding a fingerprint of what its
+output depends on: the configuration sections it reads and the manifest file's size and
+modification time. A stage whose marker has the current fingerprint (and whose output is there)
+is skipped, unless an earlier stage ran. When a training stage's settings changed, the run stops
+and says which sections changed: the run's checkpoints belong to the old settings (Ray Train
+would resume from them), and a new run `name` trains afresh. Changed labeling settings relabel
+the collection (`wsss label --force`): the model version alone would not tell the shards apart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from pipelines import evaluate, label, shards, storage, train_affinity, train_classifier
+from pipelines.config import ConfigError, RunConfig
+from pipelines.model_record import record_uri
+
+_METHOD = ("seed", "dataset", "classifier", "cam", "affinity")
+# The configuration sections each stage's output depends on.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "train-classifier": ("seed", "dataset", "classifier"),
+    "train-affinity": _METHOD,
+    "label": (*_METHOD, "random_walk", "crf", "pseudo_label", "label"),
+    "evaluate": (*_METHOD, "random_walk", "crf", "pseudo_label", "label", "evaluate"),
+}
+TRAINING = ("train-classifier", "train-affinity")
+
+
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def section_digests(cfg: RunConfig, stage: str) -> dict[str, str]:
+    """Digest of each configuration section `stage` depends on, and of the manifest file."""
+    data = cfg.model_dump(mode="json")
+    digests = {section: _digest(data[section]) for section in STAGE_SECTIONS[stage]}
+    fs, path = storage.filesystem(cfg.dataset.manifest, cfg.storage)
+    info = fs.get_file_info(path)
+    digests["manifest file"] = _digest([info.size, info.mtime_ns])
+    return digests
+
+
+def marker_uri(cfg: RunConfig, stage: str) -> str:
+    return storage.join(cfg.run_uri, "stages", f"{stage}.json")
+
+
+def output_uri(cfg: RunConfig, stage: str) -> str:
+    """A file whose presence shows the stage's output is there."""
+    if stage == "train-classifier":
+        return record_uri(cfg, "classifier")
+    if stage == "train-affinity":
+        return record_uri(cfg, "affinity")
+    out = evaluate.labels_uri(cfg)
+    if stage == "label":
+        return storage.join(out, shards.SUMMARY_FILE)
+    return storage.join(evaluate.report_uri(cfg, out), evaluate.RESULT_FILE)
+
+
+def previous_digests(cfg: RunConfig, stage: str) -> dict[str, str] | None:
+    """The section digests of the stage's last finished run, if it ran and its output is there."""
+    uri = marker_uri(cfg, stage)
+    if not (
+        storage.exists(uri, cfg.storage) and storage.exists(output_uri(cfg, stage), cfg.storage)
+    ):
+        return None
+    return json.loads(storage.read_bytes(uri, cfg.storage))["sections"]
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
+    """Run the stages not yet done for `cfg`; returns what happened to each stage."""
+    outcome: dict[str, str] = {}
+    relabel = False  # the shards were labelled with other settings: redo them
+    for stage in STAGE_SECTIONS:
+        digests = section_digests(cfg, stage)
+        before = previous_digests(cfg, stage)
+        # Once a stage ran, the later ones see new inputs and run too.
+        if before == digests and all(o == "skipped" for o in outcome.values()):
+            log(f"== {stage}: already done for this configuration, skipped")
+            outcome[stage] = "skipped"
+            if stage == "evaluate":
+                result = json.loads(storage.read_bytes(output_uri(cfg, stage), cfg.storage))
+                log(evaluate.format_table(result["classes"], result["stages"]))
+            continue
+        changed = [s for s in digests if before is not None and before.get(s) != digests[s]]
+        if changed and stage in TRAINING:
+            raise ConfigError(
+                f"run {cfg.name!r} trained its {stage.removeprefix('train-')} with other "
+                f"settings ({', '.join(changed)} changed) and its checkpoints belong to them; "
+                "set a new `name` to train afresh (or restore the settings)"
+            )
+        relabel = relabel or (stage == "label" and bool(changed))
+        log(f"== {stage}")
+        if stage == "train-classifier":
+            train_classifier.run(cfg, log)
+        elif stage == "train-affinity":
+            train_affinity.run(cfg, log=log)
+        elif stage == "label":
+            label.run(cfg, force=relabel, log=log)
+        else:
+            evaluate.run(cfg, log=log)
+        marker = {
+            "stage": stage,
+            "sections": digests,
+            "config_hash": cfg.hash(),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        storage.write_bytes(
+            marker_uri(cfg, stage), json.dumps(marker, indent=2).encode(), cfg.storage
+        )
+        outcome[stage] = "relabelled" if relabel and stage == "label" else "done"
+    return outcome
