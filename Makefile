@@ -2,6 +2,9 @@
 # uv comes from PyPI when it is missing (`python3 -m uv` works right after `pip install uv`).
 UV := $(shell command -v uv 2>/dev/null || echo python3 -m uv)
 RUN := $(UV) run --locked --no-progress
+# Ray starts its workers with the driver's interpreter (the synced .venv) rather than through
+# `uv run` once more, which would only repeat the sync and warn about VIRTUAL_ENV.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: setup demo test bench lint format
 
@@ -9,9 +12,12 @@ setup:
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --locked --no-progress
 
+# The synthetic dataset goes to a local S3 server on 127.0.0.1, and every stage runs through Ray
+# from there, as on a cluster; the server stops when the run ends, whatever its outcome.
 demo: setup
-	$(RUN) wsss synth
-	$(RUN) wsss run-local
+	$(RUN) wsss synth --config configs/demo.yaml
+	$(RUN) python -m cluster.local_s3 run --bucket wsss-demo --upload data/synthetic:synthetic \
+		-- wsss run configs/demo.yaml
 
 test: setup
 	$(RUN) pytest
