@@ -235,9 +235,20 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"override {assignment!r}: value is not valid YAML: {exc}") from exc
 
 
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `update` written over it, mappings merged key by key."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (or nothing: the defaults), apply overrides, validate. Raises ConfigError."""
-    data: dict[str, Any] = {}
+    loaded: Any = None
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
@@ -247,7 +258,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
+    # On top of the defaults, so that setting one field of a section (affinity.model.
+    # feature_stride) keeps the section's other defaults (the demo backbone) instead of
+    # replacing the whole section with its model's own defaults.
+    data = _merged(RunConfig().model_dump(mode="json"), loaded or {})
     for assignment in overrides or []:
         apply_override(data, assignment)
     try:

@@ -75,3 +75,11 @@ def test_shipped_config_files_validate():
     for path in files:
         cfg = load_config(path)
         assert cfg.name  # every shipped file is a complete, valid run description
+
+
+def test_setting_one_field_keeps_the_other_defaults_of_its_section(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("affinity:\n  model:\n    feature_stride: 8\n")
+    for cfg in (load_config(path), load_config(overrides=["affinity.model.feature_stride=8"])):
+        assert cfg.affinity.model.feature_stride == 8
+        assert cfg.affinity.model.backbone == load_config().affinity.model.backbone  # the demo's
