@@ -20,7 +20,6 @@ workers, sampled every 0.2 s); shared pages (the object store) count once per pr
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import multiprocessing
 import os
@@ -28,7 +27,6 @@ import statistics
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -39,11 +37,10 @@ from common import machine_info
 from pipelines import label, shards, storage
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
-    ModelRecord,
     load_affinity_net,
     load_classifier,
-    sha256_hex,
-    write_record,
+    record_uri,
+    save_model,
 )
 from wsss import labeling, synthetic
 from wsss.affinity import AffinityNet
@@ -74,33 +71,11 @@ def config(args: argparse.Namespace, manifest: Path, work: Path, name: str) -> R
 def write_untrained_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
     """Seeded untrained networks with model records where a training would leave them."""
     torch.manual_seed(0)
-    networks = {
-        "classifier": (Classifier(len(classes) - 1, cfg.classifier.model), cfg.classifier.model),
-        "affinity": (AffinityNet(cfg.affinity.model), cfg.affinity.model),
-    }
-    uris = {}
-    for stage, (network, params) in networks.items():
-        buffer = io.BytesIO()
-        torch.save(network.state_dict(), buffer)
-        weights = storage.join(cfg.run_uri, "train", stage, "model.pt")
-        storage.write_bytes(weights, buffer.getvalue(), cfg.storage)
-        uris[stage] = storage.join(cfg.run_uri, "models", f"{stage}.json")
-        record = ModelRecord(
-            stage=stage,
-            checkpoint_uri=storage.parent(weights),
-            weights_uri=weights,
-            weights_sha256=sha256_hex(buffer.getvalue()),
-            classes=classes,
-            backbone=params.backbone.name,
-            model=params.model_dump(mode="json"),
-            epochs=0,
-            config_hash=cfg.hash(),
-            metrics={},
-            skipped_examples=[],
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
-        write_record(record, uris[stage], cfg)
-    return uris
+    checkpoints = storage.join(cfg.run_uri, "train")
+    classifier = Classifier(len(classes) - 1, cfg.classifier.model)
+    save_model(classifier, classes, cfg, storage.join(checkpoints, "classifier"))
+    save_model(AffinityNet(cfg.affinity.model), classes, cfg, storage.join(checkpoints, "affinity"))
+    return {stage: record_uri(cfg, stage) for stage in ("classifier", "affinity")}
 
 
 class PeakMemory:

@@ -72,6 +72,7 @@ _DONE_MARKER = "done_marker"  # rows read from earlier shards; they never leave 
 
 FETCH_THREADS = 16  # object-store reads overlap their latency within a fetch task
 ROW_GROUP_ROWS = 128  # small row groups: PseudoLabelDataset reads one per item it needs
+FILES_PER_TASK = 16  # shard files whose image_ids one task of the anti-join reads
 MANIFEST_BYTES_PER_PARTITION = 64 << 20  # ~0.5M manifest rows per anti-join partition
 MAX_MESSAGE_CHARS = 2000
 
@@ -230,11 +231,21 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
 # --- anti-join against earlier runs -------------------------------------------------------------
 
 
-def _as_done_markers(batch: pa.Table) -> pa.Table:
-    n = batch.num_rows
+def done_markers_of_files(batch: pa.Table, out_uri: str, config: StorageConfig) -> pa.Table:
+    """Ray Data step: shard file paths {"path"} -> a done marker row per image_id in them."""
+    fs, _ = storage.filesystem(out_uri, config)
+    ids = pa.concat_arrays(
+        [
+            pq.read_table(path, columns=["image_id"], filesystem=fs)
+            .column("image_id")
+            .combine_chunks()
+            for path in batch.column("path").to_pylist()
+        ]
+    )
+    n = len(ids)
     empty = pa.array([""] * n, pa.string())
     columns = {
-        "image_id": batch.column("image_id"),
+        "image_id": ids,
         "image": pa.nulls(n, pa.string()),
         "labels": pa.nulls(n, pa.list_(pa.string())),
         "outcome": pa.array([_DONE_MARKER] * n, pa.string()),
@@ -249,16 +260,20 @@ def done_markers(
     out_uri: str, config: StorageConfig, model_version: str
 ) -> ray.data.Dataset | None:
     """Marker rows for the image_ids with a row of `model_version` under `out_uri` (None when
-    there are none). Only the image_id column of that version's files is read."""
+    there are none). Only the image_id column of that version's files is read, in Ray tasks of
+    FILES_PER_TASK files each."""
     files = [
         *shards.shard_files(out_uri, shards.LABELS, config, model_version),
         *shards.shard_files(out_uri, shards.ERRORS, config, model_version),
     ]
     if not files:
         return None
-    fs, _ = storage.filesystem(out_uri, config)
-    ids = ray.data.read_parquet(files, filesystem=fs).select_columns(["image_id"])
-    return ids.map_batches(_as_done_markers, batch_format="pyarrow")
+    return ray.data.from_items([{"path": path} for path in files]).map_batches(
+        done_markers_of_files,
+        fn_kwargs={"out_uri": out_uri, "config": config},
+        batch_size=FILES_PER_TASK,
+        batch_format="pyarrow",
+    )
 
 
 def resolve_group(group: pa.Table) -> pa.Table:

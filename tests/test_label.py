@@ -8,13 +8,11 @@ labeling pipeline only needs a record, its checkpoint and its class list.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -27,14 +25,15 @@ import torch
 from PIL import Image
 
 from pipelines import label, shards, storage
+from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
-    ModelRecord,
     load_affinity_net,
     load_classifier,
-    sha256_hex,
-    write_record,
+    record_uri,
+    save_model,
 )
+from pipelines.train import InsufficientResourcesError
 from wsss import labeling, synthetic
 from wsss.affinity import AffinityNet
 from wsss.classifier import Classifier
@@ -87,34 +86,20 @@ def data_dir(tmp_path_factory) -> Path:
 def model_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
     """Records of seeded, untrained networks under the run's models/, as training writes them."""
     torch.manual_seed(0)
-    networks = {
-        "classifier": (Classifier(len(classes) - 1, cfg.classifier.model), cfg.classifier.model),
-        "affinity": (AffinityNet(cfg.affinity.model), cfg.affinity.model),
-    }
-    uris = {}
-    for stage, (network, params) in networks.items():
-        buffer = io.BytesIO()
-        torch.save(network.state_dict(), buffer)
-        checkpoint = storage.join(cfg.run_uri, "train", stage, "epoch_0000")
-        weights = storage.join(checkpoint, "model.pt")
-        storage.write_bytes(weights, buffer.getvalue(), cfg.storage)
-        record = ModelRecord(
-            stage=stage,
-            checkpoint_uri=checkpoint,
-            weights_uri=weights,
-            weights_sha256=sha256_hex(buffer.getvalue()),
-            classes=classes,
-            backbone=params.backbone.name,
-            model=params.model_dump(mode="json"),
-            epochs=1,
-            config_hash=cfg.hash(),
-            metrics={},
-            skipped_examples=[],
-            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        )
-        uris[stage] = storage.join(cfg.run_uri, "models", f"{stage}.json")
-        write_record(record, uris[stage], cfg)
-    return uris
+    checkpoints = storage.join(cfg.run_uri, "train")
+    save_model(
+        Classifier(len(classes) - 1, cfg.classifier.model),
+        classes,
+        cfg,
+        storage.join(checkpoints, "classifier", "epoch_0000"),
+    )
+    save_model(
+        AffinityNet(cfg.affinity.model),
+        classes,
+        cfg,
+        storage.join(checkpoints, "affinity", "epoch_0000"),
+    )
+    return {stage: record_uri(cfg, stage) for stage in ("classifier", "affinity")}
 
 
 def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
@@ -386,3 +371,21 @@ def test_manifest_records_are_validated_row_by_row():
     anonymous = label.validate_record([1], index, "/r", "[1]")
     assert anonymous["image_id"].startswith("manifest-row-") and anonymous["image"] == ""
     assert label.validate_record([1], index, "/r", "[1]") == anonymous  # found again by a re-run
+
+
+def test_more_model_actors_or_gpus_than_the_cluster_has_fail_fast(first_run, cfg):
+    too_many = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"model_actors": 64})})
+    with pytest.raises(InsufficientResourcesError, match=r"ray.model_actors 64 .* cluster has 4"):
+        label.run(too_many, out_uri=f"{cfg.run_uri}/never", log=lambda _: None)
+    gpus = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"use_gpu": True})})
+    with pytest.raises(InsufficientResourcesError, match="GPUs .* cluster has 0"):
+        label.run(gpus, out_uri=f"{cfg.run_uri}/never", log=lambda _: None)
+    assert not storage.exists(f"{cfg.run_uri}/never", cfg.storage)
+
+
+def test_cli_without_model_records_names_them_and_exits_2(tmp_path, capsys):
+    code = main(["label", "--set", f"output={tmp_path}", "--out", str(tmp_path / "out")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "classifier model record" in err and "--classifier" in err
+    assert not (tmp_path / "out").exists()
