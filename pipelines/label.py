@@ -521,7 +521,9 @@ def model_version(classifier: ModelRecord, affinity: ModelRecord) -> str:
     return digest.hexdigest()[:16]
 
 
-def _read_records(cfg: RunConfig, uris: dict[str, str]) -> dict[str, ModelRecord]:
+def read_records(cfg: RunConfig, uris: dict[str, str]) -> dict[str, ModelRecord]:
+    """The model record of each stage at `uris`; a ConfigError says which one is missing or
+    is for another stage."""
     records = {}
     for stage, uri in uris.items():
         try:
@@ -674,7 +676,7 @@ def run(
         "classifier": classifier_record or record_uri(cfg, "classifier"),
         "affinity": affinity_record or record_uri(cfg, "affinity"),
     }
-    records = _read_records(cfg, uris)
+    records = read_records(cfg, uris)
     classes = manifest_classes(cfg)
     for stage, record in records.items():
         if record.classes != classes:

@@ -150,7 +150,7 @@ def run(
     date = date or f"{started:%Y-%m-%d}"
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
     uris = {"classifier": record_uri(cfg, "classifier"), "affinity": record_uri(cfg, "affinity")}
-    records = label._read_records(cfg, uris)
+    records = label.read_records(cfg, uris)
     version = label.model_version(records["classifier"], records["affinity"])
     connect(cfg)
 
