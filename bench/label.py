@@ -8,8 +8,7 @@ final mask) and PNG encoding. The ideal is a multiprocessing pool of one process
 torch thread each) whose workers loaded the networks before the clock starts; it writes nothing.
 The Ray pipeline runs on a local Ray started with two logical CPUs per core, one model actor per
 core, so the CPU tasks (decode, CRF, writing) run beside the actors; its time is the whole
-`run` call (actor start-up, the manifest read and anti-join, writing the shards), and its steady
-rate is measured between the first and the last shard written (their `created_at`).
+`run` call (actor start-up, the manifest read and anti-join, writing the shards).
 
 Peak memory is the summed RSS of the driver and every process it started (Ray's GCS, raylet and
 workers, sampled every 0.2 s); shared pages (the object store) count once per process mapping them.
@@ -29,12 +28,11 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import ray
 import torch
 from common import machine_info
 
-from pipelines import label, shards, storage
+from pipelines import label, storage
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
     load_affinity_net,
@@ -164,20 +162,6 @@ def ideal(cfg: RunConfig, uris: dict[str, str], classes: list[str], cores: int) 
 # --- the Ray pipeline -------------------------------------------------------------------------
 
 
-def steady_rate(out: str, cfg: RunConfig) -> float | None:
-    """Rows per second written after the first shard and up to the last one."""
-    fs, _ = storage.filesystem(out, cfg.storage)
-    files = []
-    for path in shards.shard_files(out, shards.LABELS, cfg.storage):
-        table = pq.read_table(path, filesystem=fs, columns=["created_at"])
-        files.append((table.column("created_at")[0].as_py(), table.num_rows))
-    files.sort()
-    if len(files) < 2:
-        return None
-    span = (files[-1][0] - files[0][0]).total_seconds()
-    return round(sum(n for _, n in files[1:]) / span, 2) if span > 0 else None
-
-
 def with_ray(cfg: RunConfig, uris: dict[str, str], out: Path) -> dict:
     with PeakMemory() as memory:
         started = time.perf_counter()
@@ -194,7 +178,6 @@ def with_ray(cfg: RunConfig, uris: dict[str, str], out: Path) -> dict:
         "images": summary["labelled"],
         "seconds": round(seconds, 2),
         "images_per_s": round(summary["labelled"] / seconds, 2),
-        "steady_images_per_s": steady_rate(str(out), cfg),
         "peak_rss_mib": round(memory.peak_total / 2**20),
         "peak_driver_rss_mib": round(memory.peak_driver / 2**20),
         "stages": summary["stages"],
@@ -249,8 +232,6 @@ def main() -> None:
             }
             for kind, results_ in runs.items()
         }
-        steady = [run["steady_images_per_s"] for run in runs["ray"] if run["steady_images_per_s"]]
-        med["ray"]["steady_images_per_s"] = statistics.median(steady) if steady else None
         results["sizes"][size] = {"runs": runs, "median": med}
         print(f"{size} images, medians: {json.dumps(med)}", flush=True)
     if args.out:
