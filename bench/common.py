@@ -3,8 +3,10 @@ sys.path when it runs as `python bench/x.py`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 
 
 def machine_info(**extra: object) -> dict:
@@ -22,3 +24,11 @@ def machine_info(**extra: object) -> dict:
         "python": platform.python_version(),
         **extra,
     }
+
+
+def write_results(path: Path | None, results: dict) -> None:
+    """Write a benchmark's results as JSON to `path` (its --out), when one was given."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import os
 import statistics
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-from common import machine_info
+from common import machine_info, write_results
 from pydensecrf.utils import unary_from_softmax
 from scipy import ndimage
 
@@ -161,10 +160,7 @@ def main() -> None:
         f"({info['cpu_model']}), pydensecrf2 {info['pydensecrf2']}, {args.repeats} repeats"
     )
     print(markdown_table(results))
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"image": [HEIGHT, WIDTH], "machine": info, "results": results}
-        args.out.write_text(json.dumps(payload, indent=2))
+    write_results(args.out, {"image": [HEIGHT, WIDTH], "machine": info, "results": results})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import ray
 import torch
-from common import machine_info
+from common import machine_info, write_results
 
 from pipelines import label, storage
 from pipelines.config import RunConfig, load_config
@@ -234,9 +234,7 @@ def main() -> None:
         }
         results["sizes"][size] = {"runs": runs, "median": med}
         print(f"{size} images, medians: {json.dumps(med)}", flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import machine_info
+from common import machine_info, write_results
 
 from wsss.neighbourhood import offsets, pair_indices, pair_valid
 from wsss.random_walk import RandomWalkParams, propagate
@@ -248,6 +248,4 @@ if __name__ == "__main__":
     else:
         report = main(arguments)
         print(markdown(report))
-        if arguments.out:
-            arguments.out.parent.mkdir(parents=True, exist_ok=True)
-            arguments.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_results(arguments.out, report)

@@ -16,13 +16,12 @@ replaced by the ground truth's (1 within a class, 0 across) to separate the walk
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_info
+from common import machine_info, write_results
 from scipy import ndimage
 
 from pipelines.config import RunConfig
@@ -116,9 +115,7 @@ def main() -> None:
     print(
         f"CAM with the best threshold ({result['cam_best_threshold']}): {result['cam_best_miou']}"
     )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+    write_results(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 import torch
-from common import machine_info
+from common import machine_info, write_results
 
 from pipelines import train_classifier
 from pipelines.config import RunConfig, load_config
@@ -147,9 +147,7 @@ def main() -> None:
             f"| {kind} | {result['samples_per_s']:.1f} | {result['vs_in_process']:.2f} | "
             f"{result['wall_s']:.1f} |"
         )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def validate_record(record: object, index: dict[str, int], root: str, raw: str) 
     problems: list[str] = []
     parsed = None
     if isinstance(record, dict):
-        parsed = dataset._parse_record(record, index, root, problems)
+        parsed = dataset.parse_record(record, index, root, problems)
     else:
         problems.append(f"expected a JSON object, got {type(record).__name__}")
     if parsed is not None:

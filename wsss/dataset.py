@@ -214,7 +214,7 @@ def parse_manifest_records(
                 where += f" ({name} {record[name]!r})"
                 break
         row_problems: list[str] = []
-        row = _parse_record(record, index, root, row_problems)
+        row = parse_record(record, index, root, row_problems)
         problems += [f"{where}: {p}" for p in row_problems]
         if row is None:
             continue
@@ -335,7 +335,7 @@ def read_voc(
     return Manifest(list(VOC_CLASSES), rows, str(root_path))
 
 
-def _parse_record(
+def parse_record(
     record: dict, index: dict[str, int], root: str, problems: list[str]
 ) -> ManifestRow | None:
     """One record to a row, appending to `problems` (field-prefixed) instead of raising."""
