@@ -117,7 +117,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_relabel(args: argparse.Namespace) -> int:
     from pipelines import relabel
 
-    record = relabel.run(_config(args), input_uri=args.input, out_uri=args.out, date=args.date)
+    record = relabel.run(
+        _config(args),
+        input_uri=args.input,
+        out_uri=args.out,
+        date=args.date,
+        listing=args.listing,
+    )
     print(f"{record['new_or_changed']} new or changed image(s) -> {record['shards']}")
     return 0
 
@@ -226,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model version of the shards (default: the latest labeling run's)",
     )
     parsers["relabel"].add_argument("--date", help="the dated shard set (default: today, UTC)")
+    parsers["relabel"].add_argument(
+        "--listing",
+        metavar="PREFIX",
+        help="take the images' versions from a listing of this folder or S3 prefix (one request "
+        "per 1000 objects instead of one per image); listed images without a manifest row are "
+        "reported",
+    )
     parsers["run"].add_argument(
         "config_file", nargs="?", metavar="CONFIG", help="YAML run configuration"
     )

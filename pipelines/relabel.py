@@ -2,17 +2,24 @@
 last run, or that the current models have not labelled yet.
 
 Each run compares the manifest with a ledger of what earlier runs labelled, keyed by
-(image_id, source version, model version), where the source version is the image object's size
-and modification time (`pyarrow.fs.FileInfo`; on S3 the object's LastModified, which changes
-whenever the object is rewritten). The rows not in the ledger become the night's manifest, which
-`wsss label` labels into a dated shard set; once it has finished they are added to the ledger.
-So running twice on one night does nothing the second time, and a run that died is simply run
-again (labeling resumes inside the dated set).
+(image_id, source version, model version), where the source version is the image object's ETag
+on S3 (it changes with the content) and its size and modification time for a local file. The
+rows not in the ledger become the night's manifest, which `wsss label` labels into a dated shard
+set; once it has finished they are added to the ledger. So running twice on one night does
+nothing the second time, and a run that died is simply run again (labeling resumes inside the
+dated set).
+
+Source versions come from one HEAD request per manifest image, or, with `--listing PREFIX`,
+from a listing of the folder or S3 prefix the images live in: one request per 1000 objects
+instead of one per image, which is what a nightly job over millions of images wants. The listing
+also tells which image objects have arrived without a manifest row: they have no image-level
+labels, so they are counted and named in the run record, not labelled.
 
 Layout under `<out>/relabel/`:
     <date>/manifest.parquet, <date>/classes.txt   the night's new or changed images
     <date>/labels/, <date>/errors/, ...           the dated shard set (`wsss label` output)
     ledger/<run_id>.parquet                       (image_id, source_version, model_version)
+    listings/<run_id>.parquet                     (image, source_version), with --listing
     runs/<run_id>.json                            the run record
 Downstream readers take every dated set; where an image_id appears in several, the latest date
 holds its current label.
@@ -26,15 +33,17 @@ from __future__ import annotations
 import json
 import posixpath
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
+from botocore.exceptions import BotoCoreError, ClientError
 
 from pipelines import label, storage
 from pipelines.config import RunConfig
@@ -47,7 +56,10 @@ FOLDER = "relabel"
 LEDGER = "ledger"
 PENDING = "pending"  # ledger files of runs still labeling
 RUNS = "runs"
+LISTINGS = "listings"
 STAT_THREADS = 16
+LISTING_PAGE = 1000  # objects per listing batch: S3's page size
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 LEDGER_SCHEMA = pa.schema(
     [
@@ -55,6 +67,9 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("source_version", pa.string()),
         pa.field("model_version", pa.string()),
     ]
+)
+LISTING_SCHEMA = pa.schema(
+    [pa.field("image", pa.string()), pa.field("source_version", pa.string())]
 )
 NIGHT_SCHEMA = pa.schema(
     [
@@ -65,27 +80,99 @@ NIGHT_SCHEMA = pa.schema(
 )
 
 
+def _etag_version(etag: str) -> str:
+    return "etag-" + etag.strip('"')
+
+
+def _file_version(info: pafs.FileInfo) -> str:
+    return f"{info.size}-{info.mtime_ns}"
+
+
 def source_version(uri: str, config: StorageConfig) -> str:
-    """Size and modification time of the object at `uri`; "missing" when there is none (the
-    labeling then records the fetch error)."""
+    """The version of the image object at `uri` (its ETag on S3, size and mtime locally);
+    "missing" when there is none, "unreadable" when asking failed (the labeling then records
+    the fetch error)."""
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        try:
+            head = storage.s3_client(config).head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return "missing" if status == 404 else "unreadable"
+        except BotoCoreError:
+            return "unreadable"
+        return _etag_version(head["ETag"])
     fs, path = storage.filesystem(uri, config)
     try:
         info = fs.get_file_info(path)
     except OSError:
         return "unreadable"
-    if info.type != pafs.FileType.File:
-        return "missing"
-    return f"{info.size}-{info.mtime_ns}"
+    return _file_version(info) if info.type == pafs.FileType.File else "missing"
 
 
-def with_source_versions(batch: pa.Table, config: StorageConfig, version: str) -> pa.Table:
-    """Ray Data step: valid manifest rows -> the same with `source_version` and `model_version`
-    (rows the manifest check failed are left to `wsss label` on the whole manifest)."""
-    rows = [row for row in batch.to_pylist() if row["outcome"] == label.OK]
-    with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
-        versions = list(
-            pool.map(partial(source_version, config=config), [r["image"] for r in rows])
+def listing_folder(prefix: str) -> str:
+    """A listing's prefix as a folder: "s3://b/images" lists s3://b/images/..., not images2/."""
+    folder = prefix.rstrip("/") + "/"
+    return folder if storage.is_s3(folder) else posixpath.abspath(folder) + "/"
+
+
+def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
+    """The image objects under the folder or S3 prefix `prefix` with their source versions,
+    streamed a page at a time (the driver never holds the whole listing)."""
+    folder = listing_folder(prefix)
+    if storage.is_s3(folder):
+        bucket, key = storage.split_s3(folder)
+        paginator = storage.s3_client(config).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            objects = [
+                o for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)
+            ]
+            yield pa.table(
+                {
+                    "image": [f"s3://{bucket}/{o['Key']}" for o in objects],
+                    "source_version": [_etag_version(o["ETag"]) for o in objects],
+                },
+                schema=LISTING_SCHEMA,
+            )
+        return
+    fs = pafs.LocalFileSystem()
+    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
+    files = [
+        i for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_SUFFIXES)
+    ]
+    for start in range(0, len(files), LISTING_PAGE):
+        page = files[start : start + LISTING_PAGE]
+        yield pa.table(
+            {"image": [i.path for i in page], "source_version": [_file_version(i) for i in page]},
+            schema=LISTING_SCHEMA,
         )
+
+
+def valid_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data step: the manifest rows that passed the manifest check (the others are left to
+    `wsss label` on the whole manifest), with the columns the night's manifest keeps."""
+    ok = batch.filter(pc.equal(batch.column("outcome"), label.OK))
+    return ok.select(NIGHT_SCHEMA.names)
+
+
+def with_source_versions(
+    batch: pa.Table, config: StorageConfig, version: str, listed: str | None = None
+) -> pa.Table:
+    """Ray Data step: valid manifest rows -> the same with `source_version` and `model_version`.
+    Rows joined to a listing of the folder `listed` keep the listing's version; rows under that
+    folder that the listing lacks are "missing"; any other row is asked for its version."""
+    rows = batch.to_pylist()
+    versions = [row.get("source_version") for row in rows]
+    ask = []
+    for i, row in enumerate(rows):
+        if versions[i] is None and listed is not None and row["image"].startswith(listed):
+            versions[i] = "missing"
+        elif versions[i] is None:
+            ask.append(i)
+    with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
+        asked = pool.map(partial(source_version, config=config), [rows[i]["image"] for i in ask])
+        for i, answer in zip(ask, asked, strict=True):
+            versions[i] = answer
     return pa.table(
         {
             "image_id": [r["image_id"] for r in rows],
@@ -105,14 +192,21 @@ def ledger_files(root: str, config: StorageConfig) -> list[str]:
     )
 
 
-def pending_rows(cfg: RunConfig, root: str, version: str) -> ray.data.Dataset:
+def pending_rows(
+    cfg: RunConfig, root: str, version: str, listing: str | None = None, listed: str | None = None
+) -> ray.data.Dataset:
     """The manifest rows whose (image_id, source version) the ledger has not seen labelled by
-    model `version`."""
+    model `version`; source versions from the `listing` file of the folder `listed` if given."""
     classes = label.manifest_classes(cfg)
     rows, partitions = label.manifest_rows(cfg, classes)
-    current = rows.map_batches(
+    current = rows.map_batches(valid_rows, batch_format="pyarrow")
+    if listing is not None:
+        fs, path = storage.filesystem(listing, cfg.storage)
+        listed_rows = ray.data.read_parquet(path, filesystem=fs, schema=LISTING_SCHEMA)
+        current = current.join(listed_rows, "left_outer", num_partitions=partitions, on=("image",))
+    current = current.map_batches(
         with_source_versions,
-        fn_kwargs={"config": cfg.storage, "version": version},
+        fn_kwargs={"config": cfg.storage, "version": version, "listed": listed},
         batch_format="pyarrow",
     )
     done = ledger_files(root, cfg.storage)
@@ -122,6 +216,16 @@ def pending_rows(cfg: RunConfig, root: str, version: str) -> ray.data.Dataset:
     ledger = ray.data.read_parquet(done, filesystem=fs, schema=LEDGER_SCHEMA)
     keys = ("image_id", "source_version", "model_version")
     return current.join(ledger, "left_anti", num_partitions=partitions, on=keys)
+
+
+def objects_without_rows(cfg: RunConfig, listing: str) -> ray.data.Dataset:
+    """The listed image objects that no valid manifest row names: images without image-level
+    labels, which cannot be labelled."""
+    rows, partitions = label.manifest_rows(cfg, label.manifest_classes(cfg))
+    fs, path = storage.filesystem(listing, cfg.storage)
+    listed = ray.data.read_parquet(path, filesystem=fs, schema=LISTING_SCHEMA)
+    named = rows.map_batches(valid_rows, batch_format="pyarrow").select_columns(["image"])
+    return listed.join(named, "left_anti", num_partitions=partitions, on=("image",))
 
 
 def _write_parquet(uri: str, schema: pa.Schema, batches, config: StorageConfig) -> None:
@@ -139,11 +243,13 @@ def run(
     input_uri: str | None = None,
     out_uri: str | None = None,
     date: str | None = None,
+    listing: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Label the new or changed images of the manifest (`input_uri`, default dataset.manifest)
-    into the dated shard set `<out>/relabel/<date>/` (date: today, UTC). Returns the run record,
-    also written to `<out>/relabel/runs/<run_id>.json`."""
+    into the dated shard set `<out>/relabel/<date>/` (date: today, UTC), taking the images'
+    versions from a listing of the folder or S3 prefix `listing` when given. Returns the run
+    record, also written to `<out>/relabel/runs/<run_id>.json`."""
     cfg = label.effective_config(cfg, input_uri, out_uri, keep_stages=False)
     root = storage.join(labels_uri(cfg), FOLDER)
     started = datetime.now(UTC)
@@ -157,18 +263,36 @@ def run(
     night = storage.join(root, date)
     night_manifest = storage.join(night, f"manifest-{run_id}.parquet")
     pending_ledger = storage.join(root, LEDGER, PENDING, f"{run_id}.parquet")
-    # Computed once, kept in the object store (spilled to disk if large), streamed twice.
-    delta = pending_rows(cfg, root, version).materialize()
-    new = delta.count()
     record: dict = {
         "run_id": run_id,
         "date": date,
         "manifest": cfg.dataset.manifest,
         "model_version": version,
-        "new_or_changed": new,
-        "shards": night,
         "started_at": started.isoformat(timespec="seconds"),
     }
+    listing_file = listed = None
+    if listing is not None:
+        listed = listing_folder(listing)
+        listing_file = storage.join(root, LISTINGS, f"{run_id}.parquet")
+        _write_parquet(
+            listing_file, LISTING_SCHEMA, list_versions(listed, cfg.storage), cfg.storage
+        )
+        unnamed = objects_without_rows(cfg, listing_file).materialize()
+        examples = [row["image"] for row in unnamed.take(5)]
+        record.update(
+            listing=listed,
+            objects_without_manifest_row=unnamed.count(),
+            objects_without_manifest_row_examples=examples,
+        )
+        if examples:
+            log(
+                f"{record['objects_without_manifest_row']} image object(s) under {listed} have "
+                f"no manifest row (no image-level labels), e.g. {examples[0]}: not labelled"
+            )
+    # Computed once, kept in the object store (spilled to disk if large), streamed twice.
+    delta = pending_rows(cfg, root, version, listing_file, listed).materialize()
+    new = delta.count()
+    record.update(new_or_changed=new, shards=night)
     if new:
         classes_txt = storage.read_bytes(
             storage.join(storage.parent(cfg.dataset.manifest), "classes.txt"), cfg.storage

@@ -85,6 +85,31 @@ def filesystem(uri: str, config: StorageConfig) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), posixpath.abspath(uri)
 
 
+def split_s3(uri: str) -> tuple[str, str]:
+    """s3://bucket/key -> (bucket, key)."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+@functools.lru_cache(maxsize=16)
+def _s3_client(config: StorageConfig, endpoint: str | None):
+    # boto3 where pyarrow has no call: object ETags, and listings streamed page by page.
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config
+
+    settings = Config(
+        retries={"max_attempts": config.s3_max_attempts, "mode": "standard"},
+        signature_version=UNSIGNED if config.s3_anonymous else None,
+    )
+    return boto3.client("s3", endpoint_url=endpoint, region_name=config.s3_region, config=settings)
+
+
+def s3_client(config: StorageConfig):
+    """A boto3 S3 client with the same endpoint, region and retries as `filesystem`."""
+    return _s3_client(config, endpoint_url(config))
+
+
 def read_bytes(uri: str, config: StorageConfig) -> bytes:
     fs, path = filesystem(uri, config)
     with fs.open_input_stream(path) as f:

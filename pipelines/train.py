@@ -386,12 +386,19 @@ def _train_worker(config: dict) -> None:
             workers=float(cfg.ray.train_workers),
             start_epoch=float(start_epoch),  # > 0: this attempt resumed from a checkpoint
         )
-        with tempfile.TemporaryDirectory() as folder:
-            saved = None
-            if rank0:
-                _write_checkpoint(Path(folder), job, model, optimizer, scheduler, epoch, metrics)
-                saved = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:04d}")
+        saved = None
+        if rank0:
+            folder = tempfile.mkdtemp(prefix=f"wsss-{job.stage}-")
+            _write_checkpoint(Path(folder), job, model, optimizer, scheduler, epoch, metrics)
+            saved = ray.train.Checkpoint.from_directory(folder)
+        # The upload (weights and optimizer state, ~3x the model) overlaps the next epoch; Ray
+        # Train deletes the local folder once it is stored and registers the checkpoint then.
+        ray.train.report(
+            metrics,
+            checkpoint=saved,
+            checkpoint_dir_name=f"epoch_{epoch:04d}",
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
 
     fit(
         ddp_model,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +14,7 @@ from conftest import upload_dataset
 from pipelines import relabel, shards, storage
 from pipelines.config import load_config
 from pipelines.model_record import save_model
+from pipelines.storage import StorageConfig
 from wsss import synthetic
 from wsss.affinity import AffinityNet
 from wsss.classifier import Classifier
@@ -65,15 +67,25 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     assert again["new_or_changed"] == 0 and "labelled" not in again
     assert len(labelled_ids(night, cfg)) == 5  # no new rows
 
-    # Two images added to the collection and one rewritten with other content.
-    synthetic.generate(data, 7, seed=2, params=PARAMS)
+    # Versions from a listing of the images' prefix, as the nightly job over millions of images
+    # takes them: they agree with the per-image requests (nothing is new), and the image object
+    # that has no manifest row yet is named, not labelled.
+    synthetic.generate(data, 7, seed=2, params=PARAMS)  # sample i depends on (seed, i) only
+    upload_dataset(s3_endpoint, data, bucket, ["images/synth-000005.png"])
+    listing = f"s3://{bucket}/data/images"
+    listed = relabel.run(cfg, date="2026-11-20", listing=listing, **quiet)
+    assert listed["new_or_changed"] == 0
+    assert listed["objects_without_manifest_row"] == 1
+    assert listed["objects_without_manifest_row_examples"] == [f"{listing}/synth-000005.png"]
+
+    # Two images added to the manifest (one of them uploaded just now) and one rewritten.
     (data / "images" / "synth-000001.png").write_bytes(
         (data / "images" / "synth-000006.png").read_bytes()
     )
-    changed = ["manifest.jsonl", *(f"images/synth-00000{i}.png" for i in (1, 5, 6))]
+    changed = ["manifest.jsonl", *(f"images/synth-00000{i}.png" for i in (1, 6))]
     upload_dataset(s3_endpoint, data, bucket, changed)
-    next_night = relabel.run(cfg, date="2026-11-21", **quiet)
-    assert next_night["new_or_changed"] == 3
+    next_night = relabel.run(cfg, date="2026-11-21", listing=listing, **quiet)
+    assert next_night["new_or_changed"] == 3 and next_night["objects_without_manifest_row"] == 0
     assert labelled_ids(storage.join(root, "2026-11-21"), cfg) == [
         "synth-000001",
         "synth-000005",
@@ -81,6 +93,48 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     ]
     fs, folder = storage.filesystem(storage.join(root, relabel.RUNS), cfg.storage)
     records = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(folder)))
-    assert len(records) == 3  # one record per run, the empty one included
+    assert len(records) == 4  # one record per run, the empty ones included
     last = json.loads(storage.read_bytes("s3://" + records[-1], cfg.storage))
     assert last["run_id"] == next_night["run_id"] and last["date"] == "2026-11-21"
+
+
+def test_listing_streams_image_objects_with_the_versions_a_request_gives(s3_endpoint, tmp_path):
+    data = tmp_path / "data"
+    synthetic.generate(data, 3, seed=1, params=PARAMS)
+    (data / "images" / "notes.txt").write_text("not an image")
+    bucket = upload_dataset(s3_endpoint, data)
+    config = StorageConfig(s3_endpoint_url=s3_endpoint)
+    for prefix in (f"s3://{bucket}/data/images/", str(data / "images")):
+        listing = pa.concat_tables(relabel.list_versions(prefix, config)).to_pylist()
+        names = sorted(row["image"].rsplit("/", 1)[1] for row in listing)
+        assert names == [f"synth-00000{i}.png" for i in range(3)]
+        for row in listing:
+            assert row["source_version"] == relabel.source_version(row["image"], config)
+    # A prefix is a folder: "images" does not list "images2/".
+    assert relabel.listing_folder(f"s3://{bucket}/data/images") == f"s3://{bucket}/data/images/"
+    assert relabel.source_version(f"s3://{bucket}/data/images/nope.png", config) == "missing"
+
+
+def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(tmp_path):
+    image = tmp_path / "other" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(b"\x89PNG")
+    batch = pa.Table.from_pylist(
+        [
+            {"image_id": "listed", "image": "s3://b/images/x.png", "source_version": "etag-1"},
+            {"image_id": "gone", "image": "s3://b/images/y.png", "source_version": None},
+            {"image_id": "elsewhere", "image": str(image), "source_version": None},
+        ]
+    ).append_column("labels", pa.array([["cat"]] * 3))
+    out = relabel.with_source_versions(batch, StorageConfig(), "m1", listed="s3://b/images/")
+    versions = dict(
+        zip(
+            out.column("image_id").to_pylist(),
+            out.column("source_version").to_pylist(),
+            strict=True,
+        )
+    )
+    assert versions["listed"] == "etag-1" and versions["gone"] == "missing"
+    assert versions["elsewhere"] == relabel.source_version(str(image), StorageConfig())
+    assert versions["elsewhere"].startswith("4-")  # size and mtime of the local file
+    assert out.column("model_version").to_pylist() == ["m1"] * 3
