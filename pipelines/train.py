@@ -72,6 +72,10 @@ def connect(cfg: RunConfig) -> None:
     if not ray.is_initialized():
         local = {"num_cpus": cfg.ray.local_cpus} if cfg.ray.address is None else {}
         ray.init(address=cfg.ray.address, **local)
+    # Ray 2.60's default Parquet reader (DataSourceV2) starts 32 footer-reading actors for every
+    # read_parquet call, ~10 s per read on a 2-core node (measured; docs/benchmarks.md) for our
+    # one-file manifests and ledgers; the V1 reader lists and reads the same files in tasks.
+    ray.data.DataContext.get_current().use_datasource_v2 = False
 
 
 def check_resources(cfg: RunConfig, actors: int = 0) -> None:

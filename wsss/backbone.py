@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import BinaryIO, Literal
 
 import torch
-import torchvision
 from torch import nn
 
 from wsss.params import Params
@@ -48,6 +47,10 @@ class Backbone(nn.Module):
         super().__init__()
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        # Imported here: torchvision's import takes seconds (it loads torch._dynamo), and every
+        # Ray worker that merely unpickles a run configuration would pay it.
+        import torchvision
+
         try:
             resnet = getattr(torchvision.models, name)(weights=None)
         except AttributeError:
@@ -188,6 +191,8 @@ def _read_state_dict(source: WeightsSource) -> Mapping[str, torch.Tensor]:
 
 
 def _torchvision_state_dict(name: str) -> dict[str, torch.Tensor]:
+    import torchvision
+
     try:
         weights = torchvision.models.get_weight(name)
     except (ValueError, KeyError):
