@@ -192,17 +192,25 @@ def ledger_files(root: str, config: StorageConfig) -> list[str]:
     )
 
 
+def valid_manifest_rows(cfg: RunConfig) -> tuple[ray.data.Dataset, int]:
+    """The manifest's valid rows (`valid_rows`) and the number of join partitions they call for."""
+    rows, partitions = label.manifest_rows(cfg, label.manifest_classes(cfg))
+    return rows.map_batches(valid_rows, batch_format="pyarrow"), partitions
+
+
+def read_listing(listing: str, cfg: RunConfig) -> ray.data.Dataset:
+    fs, path = storage.filesystem(listing, cfg.storage)
+    return ray.data.read_parquet(path, filesystem=fs, schema=LISTING_SCHEMA)
+
+
 def pending_rows(
     cfg: RunConfig, root: str, version: str, listing: str | None = None, listed: str | None = None
 ) -> ray.data.Dataset:
     """The manifest rows whose (image_id, source version) the ledger has not seen labelled by
     model `version`; source versions from the `listing` file of the folder `listed` if given."""
-    classes = label.manifest_classes(cfg)
-    rows, partitions = label.manifest_rows(cfg, classes)
-    current = rows.map_batches(valid_rows, batch_format="pyarrow")
+    current, partitions = valid_manifest_rows(cfg)
     if listing is not None:
-        fs, path = storage.filesystem(listing, cfg.storage)
-        listed_rows = ray.data.read_parquet(path, filesystem=fs, schema=LISTING_SCHEMA)
+        listed_rows = read_listing(listing, cfg)
         current = current.join(listed_rows, "left_outer", num_partitions=partitions, on=("image",))
     current = current.map_batches(
         with_source_versions,
@@ -221,11 +229,10 @@ def pending_rows(
 def objects_without_rows(cfg: RunConfig, listing: str) -> ray.data.Dataset:
     """The listed image objects that no valid manifest row names: images without image-level
     labels, which cannot be labelled."""
-    rows, partitions = label.manifest_rows(cfg, label.manifest_classes(cfg))
-    fs, path = storage.filesystem(listing, cfg.storage)
-    listed = ray.data.read_parquet(path, filesystem=fs, schema=LISTING_SCHEMA)
-    named = rows.map_batches(valid_rows, batch_format="pyarrow").select_columns(["image"])
-    return listed.join(named, "left_anti", num_partitions=partitions, on=("image",))
+    named, partitions = valid_manifest_rows(cfg)
+    return read_listing(listing, cfg).join(
+        named.select_columns(["image"]), "left_anti", num_partitions=partitions, on=("image",)
+    )
 
 
 def _write_parquet(uri: str, schema: pa.Schema, batches, config: StorageConfig) -> None:
