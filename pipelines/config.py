@@ -140,7 +140,8 @@ class LabelConfig(Section):
     crf_workers: int | None = Field(
         None,
         ge=1,
-        description="Concurrent CRF tasks; None = as many as the cluster's CPUs allow.",
+        description="Most CRF actors (a CPU pool that grows with the work); None = as many as "
+        "the cluster's CPUs allow.",
     )
     min_rows_per_file: int = Field(
         1000,

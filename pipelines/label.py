@@ -400,6 +400,18 @@ def finish_rows(batch: pa.Table, cfg: RunConfig) -> pa.Table:
     return pa.Table.from_pylist(out, schema=FINISHED_SCHEMA)
 
 
+class Finisher:
+    """Ray Data actor of the CRF pool: `finish_rows`. A pool rather than tasks, because a task
+    stage would be fused into the write, which gathers label.min_rows_per_file rows per task:
+    the CRF of a whole file would then run in one task, after its last walk."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return finish_rows(batch, self.cfg)
+
+
 # --- the sink -----------------------------------------------------------------------------------
 
 
@@ -632,9 +644,9 @@ def labelled_dataset(
             batch_format="pyarrow",
         )
         .map_batches(
-            finish_rows,
-            fn_kwargs={"cfg": cfg},
-            compute=ray.data.TaskPoolStrategy(size=cfg.label.crf_workers),
+            Finisher,
+            fn_constructor_kwargs={"cfg": cfg},
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
             batch_size=cfg.label.batch_size,
             **task,
         )
