@@ -8,7 +8,7 @@ records and one small count record per write task:
     -> groupby(image_id).map_groups: the anti-join against earlier runs and the duplicate check
     -> fetch + decode                         CPU tasks (fetches overlap in threads)
     -> CAM + random walk (`labeling.walk`)    actor pool, a GPU each when ray.use_gpu
-    -> CRF + final mask + PNG (`finish`)      CPU tasks
+    -> CRF + final mask + PNG (`Finisher`)    CPU actor pool
     -> ShardSink: labels/ and errors/ files (layout and schema: `pipelines.shards`)
 
 Every manifest row travels to the sink exactly once with an `outcome`: labelled, error (with the
