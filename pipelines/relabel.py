@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 import ray
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipelines import label, storage
+from pipelines import label, label_rows, storage
 from pipelines.config import RunConfig
 from pipelines.evaluate import labels_uri
 from pipelines.model_record import record_uri
@@ -151,7 +151,7 @@ def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
 def valid_rows(batch: pa.Table) -> pa.Table:
     """Ray Data step: the manifest rows that passed the manifest check (the others are left to
     `wsss label` on the whole manifest), with the columns the night's manifest keeps."""
-    ok = batch.filter(pc.equal(batch.column("outcome"), label.OK))
+    ok = batch.filter(pc.equal(batch.column("outcome"), label_rows.OK))
     return ok.select(NIGHT_SCHEMA.names)
 
 

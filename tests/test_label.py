@@ -24,7 +24,7 @@ import ray
 import torch
 from PIL import Image
 
-from pipelines import label, shards, storage
+from pipelines import label, label_rows, reader, shards, storage
 from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
@@ -251,7 +251,7 @@ def test_force_relabels_once_more_and_keeps_the_stages(first_run, cfg):
 
 
 def test_readers_yield_image_and_mask_arrays(first_run, cfg):
-    dataset = shards.PseudoLabelDataset(cfg.run_uri, cfg.storage)
+    dataset = reader.PseudoLabelDataset(cfg.run_uri, cfg.storage)
     assert len(dataset) == LABELLED
     stored = {row["image_id"]: row for row in rows(cfg, "labels").to_pylist()}
     for index in (0, 17, len(dataset) - 1):
@@ -263,7 +263,7 @@ def test_readers_yield_image_and_mask_arrays(first_run, cfg):
     with pytest.raises(IndexError):
         dataset[LABELLED]
 
-    streamed = shards.read_pseudo_labels(cfg.run_uri, cfg.storage, batch_size=16).take_all()
+    streamed = reader.read_pseudo_labels(cfg.run_uri, cfg.storage, batch_size=16).take_all()
     assert sorted(row["image_id"] for row in streamed) == sorted(stored)
     for row in streamed:
         height, width = stored[row["image_id"]]["height"], stored[row["image_id"]]["width"]
@@ -330,29 +330,29 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
 
 
 def group(*rows_: dict) -> pa.Table:
-    return pa.Table.from_pylist(list(rows_), schema=label.ROW_SCHEMA)
+    return pa.Table.from_pylist(list(rows_), schema=label_rows.ROW_SCHEMA)
 
 
 def test_anti_join_group_skips_done_images_and_fails_duplicates():
-    row = label._row("a", "s3://b/a.png", ["cat"])
-    marker = label._row("a", None, [], "done_marker")
-    assert label.resolve_group(group(row)).to_pylist() == [row]
-    assert label.resolve_group(group(marker)).num_rows == 0
-    skipped = label.resolve_group(group(row, marker, row)).column("outcome").to_pylist()
-    assert skipped == [label.ALREADY_DONE] * 2
+    row = label_rows._row("a", "s3://b/a.png", ["cat"])
+    marker = label_rows._row("a", None, [], "done_marker")
+    assert label_rows.resolve_group(group(row)).to_pylist() == [row]
+    assert label_rows.resolve_group(group(marker)).num_rows == 0
+    skipped = label_rows.resolve_group(group(row, marker, row)).column("outcome").to_pylist()
+    assert skipped == [label_rows.ALREADY_DONE] * 2
     other = row | {"image": "s3://b/0.png"}
-    first, second = label.resolve_group(group(row, other)).to_pylist()
+    first, second = label_rows.resolve_group(group(row, other)).to_pylist()
     assert (first["outcome"], first["error_type"], first["image"]) == (
-        label.ERROR,
+        label_rows.ERROR,
         "DuplicateImageId",
         "s3://b/0.png",
     )
-    assert second["outcome"] == label.DUPLICATE
+    assert second["outcome"] == label_rows.DUPLICATE
 
 
 def test_manifest_records_are_validated_row_by_row():
     index = {"background": 0, "cat": 1, "dog": 2}
-    good = label.validate_record(
+    good = label_rows.validate_record(
         {"image": "x/a.png", "labels": ["dog", "cat"]}, index, "s3://b", ""
     )
     assert (good["image_id"], good["image"], good["labels"]) == (
@@ -360,17 +360,31 @@ def test_manifest_records_are_validated_row_by_row():
         "s3://b/x/a.png",
         ["cat", "dog"],
     )
-    assert good["outcome"] == label.OK
-    bad = label.validate_record({"image": "a.png", "labels": "cat", "size": 3}, index, "/r", "raw")
+    assert good["outcome"] == label_rows.OK
+    bad = label_rows.validate_record(
+        {"image": "a.png", "labels": "cat", "size": 3}, index, "/r", "raw"
+    )
     assert (bad["image_id"], bad["outcome"], bad["error_stage"]) == (
         "a.png",
-        label.ERROR,
+        label_rows.ERROR,
         "manifest",
     )
     assert "labels: must be a list" in bad["error_message"] and "size" in bad["error_message"]
-    anonymous = label.validate_record([1], index, "/r", "[1]")
+    anonymous = label_rows.validate_record([1], index, "/r", "[1]")
     assert anonymous["image_id"].startswith("manifest-row-") and anonymous["image"] == ""
-    assert label.validate_record([1], index, "/r", "[1]") == anonymous  # found again by a re-run
+    assert (
+        label_rows.validate_record([1], index, "/r", "[1]") == anonymous
+    )  # found again by a re-run
+
+
+def test_steps_without_a_model_never_import_torch():
+    # Ray's task workers import the module of each step they run: these stay free of torch.
+    code = (
+        "import sys, pipelines.label_rows, pipelines.shards; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_more_model_actors_or_gpus_than_the_cluster_has_fail_fast(first_run, cfg):

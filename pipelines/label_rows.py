@@ -1,0 +1,368 @@
+"""The labeling job's rows and the steps that move them without a model: the rows' schemas and
+outcomes, manifest validation, the anti-join against earlier runs, fetching and decoding images,
+and the shard sink (DESIGN §4.2).
+
+Nothing here imports torch, directly or through what it imports (`tests/test_label.py` checks):
+Ray runs these steps in its task workers, which then start in about a second and stay small
+instead of loading torch (several seconds and ~600 MB each). The model steps are in
+`pipelines.label`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data.block import BlockAccessor
+
+from pipelines import shards, storage
+from pipelines.storage import StorageConfig
+from wsss import dataset
+from wsss.imageio import ImageDecodeError, decode_image
+
+# Outcome of a row: still being labelled (OK), failed, or skipped for one of two reasons.
+OK = ""
+ERROR = "error"
+ALREADY_DONE = "already_done"  # this model version wrote a row for the image before
+DUPLICATE = "duplicate"  # another manifest row has the same image_id
+_DONE_MARKER = "done_marker"  # rows read from earlier shards; they never leave the anti-join
+
+FETCH_THREADS = 16  # object-store reads overlap their latency within a fetch task
+ROW_GROUP_ROWS = 128  # small row groups: PseudoLabelDataset reads one per item it needs
+FILES_PER_TASK = 16  # shard files whose image_ids one task of the anti-join reads
+MANIFEST_BYTES_PER_PARTITION = 64 << 20  # ~0.5M manifest rows per anti-join partition
+MAX_MESSAGE_CHARS = 2000
+
+_ROW_FIELDS = [
+    pa.field("image_id", pa.string()),
+    pa.field("image", pa.string()),
+    pa.field("labels", pa.list_(pa.string())),
+    pa.field("outcome", pa.string()),
+    pa.field("error_stage", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("error_message", pa.string()),
+]
+_SIZE_FIELDS = [pa.field("height", pa.int32()), pa.field("width", pa.int32())]
+ROW_SCHEMA = pa.schema(_ROW_FIELDS)
+DECODED_SCHEMA = pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, pa.field("pixels", pa.binary())])
+WALKED_SCHEMA = pa.schema([*DECODED_SCHEMA, pa.field("walked", pa.binary())])
+_RESULT_FIELDS = [  # the shards' columns, null while a row has no result
+    shards.LABELS_SCHEMA.field(name).with_nullable(True)
+    for name in ("mask", "confidence", "ignore_fraction", "mask_cam", "mask_rw")
+]
+FINISHED_SCHEMA = pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, *_RESULT_FIELDS])
+
+# --- manifest rows ----------------------------------------------------------------------------
+
+
+def _row(
+    image_id: str, image: str, labels: Iterable[str], outcome: str = OK, failure=("", "", "")
+) -> dict:
+    stage, error_type, message = failure
+    return {
+        "image_id": image_id,
+        "image": image,
+        "labels": list(labels),
+        "outcome": outcome,
+        "error_stage": stage,
+        "error_type": error_type,
+        "error_message": message[:MAX_MESSAGE_CHARS],
+    }
+
+
+def fail(row: dict, stage: str, exc: BaseException) -> None:
+    row.update(
+        outcome=ERROR,
+        error_stage=stage,
+        error_type=type(exc).__name__,
+        error_message=str(exc)[:MAX_MESSAGE_CHARS],
+    )
+
+
+def validate_record(record: object, index: dict[str, int], root: str, raw: str) -> dict:
+    """One manifest record as a row: resolved image URI and labels (DESIGN §4.1 rules of
+    `wsss.dataset`), or an error row naming every problem. `raw` is the record's text: a row
+    without a usable image_id or image is identified by its hash, so a re-run finds it again."""
+    problems: list[str] = []
+    parsed = None
+    if isinstance(record, dict):
+        parsed = dataset.parse_record(record, index, root, problems)
+    else:
+        problems.append(f"expected a JSON object, got {type(record).__name__}")
+    if parsed is not None:
+        return _row(parsed.image_id, parsed.image, parsed.labels)
+    fields = record if isinstance(record, dict) else {}
+    image = fields.get("image") if isinstance(fields.get("image"), str) else ""
+    given_id = fields.get("image_id")
+    image_id = given_id if isinstance(given_id, str) and given_id.strip() else image
+    return _manifest_error(image_id or _unnamed_id(raw), image, "; ".join(problems))
+
+
+def _unnamed_id(raw: str) -> str:
+    return "manifest-row-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _manifest_error(image_id: str, image: str, message: str) -> dict:
+    return _row(image_id, image, [], ERROR, ("manifest", "ManifestError", message))
+
+
+def rows_from_lines(batch: pa.Table, index: dict[str, int], root: str) -> pa.Table:
+    """Ray Data step: JSON Lines text rows {"text"} -> validated rows."""
+    rows = []
+    for line in batch.column("text").to_pylist():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            message = f"malformed JSON: {exc.msg} at column {exc.colno}: {line[:200]!r}"
+            rows.append(_manifest_error(_unnamed_id(line), "", message))
+            continue
+        rows.append(validate_record(record, index, root, line))
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def rows_from_records(batch: pa.Table, index: dict[str, int], root: str) -> pa.Table:
+    """Ray Data step: manifest records (Parquet manifest or VOC rows) -> validated rows."""
+    rows = [
+        validate_record(record, index, root, json.dumps(record, sort_keys=True, default=str))
+        for record in batch.to_pylist()
+    ]
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+# --- anti-join against earlier runs -------------------------------------------------------------
+
+
+def done_markers_of_files(batch: pa.Table, out_uri: str, config: StorageConfig) -> pa.Table:
+    """Ray Data step: shard file paths {"path"} -> a done marker row per image_id in them."""
+    fs, _ = storage.filesystem(out_uri, config)
+    ids = pa.concat_arrays(
+        [
+            pq.read_table(path, columns=["image_id"], filesystem=fs)
+            .column("image_id")
+            .combine_chunks()
+            for path in batch.column("path").to_pylist()
+        ]
+    )
+    n = len(ids)
+    empty = pa.array([""] * n, pa.string())
+    columns = {
+        "image_id": ids,
+        "image": pa.nulls(n, pa.string()),
+        "labels": pa.nulls(n, pa.list_(pa.string())),
+        "outcome": pa.array([_DONE_MARKER] * n, pa.string()),
+        "error_stage": empty,
+        "error_type": empty,
+        "error_message": empty,
+    }
+    return pa.table(columns, schema=ROW_SCHEMA)
+
+
+def done_markers(
+    out_uri: str, config: StorageConfig, model_version: str
+) -> ray.data.Dataset | None:
+    """Marker rows for the image_ids with a row of `model_version` under `out_uri` (None when
+    there are none). Only the image_id column of that version's files is read, in Ray tasks of
+    FILES_PER_TASK files each."""
+    files = [
+        *shards.shard_files(out_uri, shards.LABELS, config, model_version),
+        *shards.shard_files(out_uri, shards.ERRORS, config, model_version),
+    ]
+    if not files:
+        return None
+    return ray.data.from_items([{"path": path} for path in files]).map_batches(
+        done_markers_of_files,
+        fn_kwargs={"out_uri": out_uri, "config": config},
+        batch_size=FILES_PER_TASK,
+        batch_format="pyarrow",
+    )
+
+
+def resolve_group(group: pa.Table) -> pa.Table:
+    """Ray Data map_groups step: the manifest rows of one image_id, with done markers if an
+    earlier run wrote it. Already written: every row skipped. Several rows: the first (by image)
+    becomes a DuplicateImageId error, the rest are skipped. Otherwise the row goes on as is."""
+    is_marker = pc.equal(group.column("outcome"), _DONE_MARKER)
+    rows = group.filter(pc.invert(is_marker))
+    done = pc.any(is_marker).as_py()
+    if rows.num_rows == 0 or (rows.num_rows == 1 and not done):
+        return rows
+    if done:
+        outcomes = pa.array([ALREADY_DONE] * rows.num_rows, pa.string())
+        return rows.set_column(rows.schema.get_field_index("outcome"), "outcome", outcomes)
+    listed = sorted(rows.to_pylist(), key=lambda row: row["image"] or "")
+    images = ", ".join(repr(row["image"]) for row in listed[:5])
+    message = f"{len(listed)} manifest rows have this image_id (images {images})"
+    first = listed[0] | {
+        "outcome": ERROR,
+        "error_stage": "manifest",
+        "error_type": "DuplicateImageId",
+        "error_message": message[:MAX_MESSAGE_CHARS],
+    }
+    rest = [row | {"outcome": DUPLICATE} for row in listed[1:]]
+    return pa.Table.from_pylist([first, *rest], schema=ROW_SCHEMA)
+
+
+# --- fetch and decode -------------------------------------------------------------------------
+
+
+def _fetch(uri: str, config: StorageConfig) -> bytes | Exception:
+    try:
+        return storage.read_bytes(uri, config)
+    except (OSError, ValueError) as exc:  # missing or unreadable object, malformed URI
+        return exc
+
+
+def fetch_and_decode(batch: pa.Table, config: StorageConfig, max_pixels: int) -> pa.Table:
+    """Ray Data step: rows -> rows with the decoded image as raw RGB bytes (`pixels`, with
+    `height` and `width`). Unreadable bytes fail the row at stage fetch, undecodable or too
+    large images at stage decode."""
+    rows = [row | {"height": 0, "width": 0, "pixels": None} for row in batch.to_pylist()]
+    todo = [row for row in rows if row["outcome"] == OK]
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, max(1, len(todo)))) as pool:
+        fetched = list(pool.map(partial(_fetch, config=config), [r["image"] for r in todo]))
+    for row, data in zip(todo, fetched, strict=True):
+        if isinstance(data, Exception):
+            fail(row, "fetch", data)
+            continue
+        try:
+            image = decode_image(data, max_pixels)
+        except ImageDecodeError as exc:
+            fail(row, "decode", exc)
+            continue
+        row.update(height=image.shape[0], width=image.shape[1], pixels=image.tobytes())
+    return pa.Table.from_pylist(rows, schema=DECODED_SCHEMA)
+
+
+def row_image(row: dict) -> np.ndarray:
+    """The (H, W, 3) uint8 image of a decoded row."""
+    return np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
+
+
+def finished_row(row: dict) -> dict:
+    """A decoded or walked row as the sink takes it: its fields, no results yet."""
+    final = {f.name: row[f.name] for f in (*_ROW_FIELDS, *_SIZE_FIELDS)}
+    return final | {f.name: None for f in _RESULT_FIELDS}
+
+
+# --- the sink -----------------------------------------------------------------------------------
+
+
+def _write_atomically(fs: pafs.FileSystem, path: str, table: pa.Table, local: bool) -> None:
+    """Write `table` as a Parquet file that readers see whole or not at all."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer, row_group_size=ROW_GROUP_ROWS)
+    data = buffer.getvalue()
+    if not local:  # an S3 object appears only when its upload completes
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    partial_path = path + ".tmp"
+    with fs.open_output_stream(partial_path) as f:
+        f.write(data)
+    fs.move(partial_path, path)  # a rename: a killed writer leaves only the .tmp file
+
+
+class ShardSink(ray.data.Datasink):
+    """Writes each write task's rows: labelled ones to one labels/ file, failed ones to one
+    errors/ file (named `<model_version>_<run_id>_<task>`, so a retried task overwrites its own
+    files and runs never collide), and returns the task's counts. After the write,
+    `counts` holds the run's totals."""
+
+    def __init__(
+        self,
+        out_uri: str,
+        config: StorageConfig,
+        classes: list[str],
+        run_id: str,
+        model_version: str,
+        config_hash: str,
+        min_rows: int,
+    ) -> None:
+        self.out_uri = out_uri
+        self.config = config
+        self.classes = classes
+        self.run_id = run_id
+        self.model_version = model_version
+        self.config_hash = config_hash
+        self.min_rows = min_rows
+        self.counts: dict | None = None
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.min_rows
+
+    def _provenance(self, n: int) -> dict[str, pa.Array]:
+        now = datetime.now(UTC)
+        return {
+            "model_version": pa.array([self.model_version] * n, pa.string()),
+            "config_hash": pa.array([self.config_hash] * n, pa.string()),
+            "created_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+
+    def _labels_table(self, rows: pa.Table) -> pa.Table:
+        schema = shards.file_schema(shards.LABELS, self.classes)
+        columns = {name: rows.column(name) for name in schema.names if name in rows.column_names}
+        columns |= self._provenance(rows.num_rows)
+        return pa.table([columns[name] for name in schema.names], schema=schema)
+
+    def _errors_table(self, rows: pa.Table) -> pa.Table:
+        columns = {
+            "image_id": rows.column("image_id"),
+            "image": pc.fill_null(rows.column("image"), ""),
+            "stage": rows.column("error_stage"),
+            "error_type": rows.column("error_type"),
+            "message": rows.column("error_message"),
+        } | self._provenance(rows.num_rows)
+        schema = shards.file_schema(shards.ERRORS, self.classes)
+        return pa.table([columns[name] for name in schema.names], schema=schema)
+
+    def write(self, blocks: Iterable, ctx) -> dict:
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        rows = pa.concat_tables(tables) if tables else FINISHED_SCHEMA.empty_table()
+        outcome = rows.column("outcome")
+        labelled = rows.filter(pc.equal(outcome, OK))
+        failed = rows.filter(pc.equal(outcome, ERROR))
+        fs, root = storage.filesystem(self.out_uri, self.config)
+        name = shards.shard_name(self.model_version, self.run_id, ctx.task_idx)
+        local = not storage.is_s3(self.out_uri)
+        for kind, part, to_table in (
+            (shards.LABELS, labelled, self._labels_table),
+            (shards.ERRORS, failed, self._errors_table),
+        ):
+            if part.num_rows:
+                _write_atomically(fs, posixpath.join(root, kind, name), to_table(part), local)
+        skipped = Counter(o for o in outcome.to_pylist() if o not in (OK, ERROR))
+        return {
+            "labelled": labelled.num_rows,
+            "errors": failed.num_rows,
+            "skipped": dict(skipped),
+            "errors_by_stage": dict(Counter(failed.column("error_stage").to_pylist())),
+        }
+
+    def on_write_complete(self, write_result) -> None:
+        totals = {"labelled": 0, "errors": 0}
+        skipped: Counter = Counter()
+        by_stage: Counter = Counter()
+        for counts in write_result.write_returns:
+            totals["labelled"] += counts["labelled"]
+            totals["errors"] += counts["errors"]
+            skipped.update(counts["skipped"])
+            by_stage.update(counts["errors_by_stage"])
+        self.counts = totals | {
+            "skipped": sum(skipped.values()),
+            "skipped_by_reason": dict(skipped),
+            "errors_by_stage": dict(by_stage),
+        }
