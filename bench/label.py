@@ -5,10 +5,14 @@ Both label the same small synthetic images with the same untrained networks (Res
 their model records are written here in the format a training writes, so no training is needed):
 fetch + decode, `wsss.labeling.walk` (CAM + random walk), `wsss.labeling.finish` (dense CRF,
 final mask) and PNG encoding. The ideal is a multiprocessing pool of one process per core (one
-torch thread each) whose workers loaded the networks before the clock starts; it writes nothing.
-The Ray pipeline runs on a local Ray started with two logical CPUs per core, one model actor per
-core, so the CPU tasks (decode, CRF, writing) run beside the actors; its time is the whole
-`run` call (actor start-up, the manifest read and anti-join, writing the shards).
+torch thread each) that starts, loads the networks and labels; it writes nothing. The Ray
+pipeline runs on a local Ray started with two logical CPUs per core, one model actor per core, so
+the CPU tasks (decode, CRF, writing) run beside the actors; its time is the whole `run` call
+(actor start-up, the manifest read and anti-join, writing the shards).
+
+Two ratios: end to end (each side's whole time, start-up included, at each size) and steady state
+(the marginal rate between the smallest and the largest size, (n2 - n1) / (t2 - t1) on median
+times, in which each side's fixed start-up cancels: the rate a long job runs at).
 
 Peak memory is the summed RSS of the driver and every process it started (Ray's GCS, raylet and
 workers, sampled every 0.2 s); shared pages (the object store) count once per process mapping them.
@@ -145,16 +149,18 @@ def ideal(cfg: RunConfig, uris: dict[str, str], classes: list[str], cores: int) 
     items = [(str(root / row["image"]), row["labels"]) for row in rows]
     context = multiprocessing.get_context("spawn")
     with PeakMemory() as memory:
+        started = time.perf_counter()
         with context.Pool(cores, initializer=_load_networks, initargs=(cfg, uris, classes)) as pool:
             while len(set(pool.map(_ready, range(4 * cores), chunksize=1))) < cores:
                 pass  # every worker has loaded the networks
-            started = time.perf_counter()
+            ready = time.perf_counter()
             pool.map(_label_one, items, chunksize=8)
             seconds = time.perf_counter() - started
     return {
         "images": len(items),
         "seconds": round(seconds, 2),
         "images_per_s": round(len(items) / seconds, 2),
+        "startup_s": round(ready - started, 2),
         "peak_rss_mib": round(memory.peak_total / 2**20),
     }
 
@@ -228,13 +234,31 @@ def main() -> None:
         med = {
             kind: {
                 key: statistics.median(run[key] for run in results_)
-                for key in ("images_per_s", "peak_rss_mib")
+                for key in ("seconds", "images_per_s", "peak_rss_mib")
             }
             for kind, results_ in runs.items()
         }
+        med["ray_over_ideal"] = round(med["ray"]["images_per_s"] / med["ideal"]["images_per_s"], 3)
         results["sizes"][size] = {"runs": runs, "median": med}
         print(f"{size} images, medians: {json.dumps(med)}", flush=True)
+    if len(args.sizes) > 1:
+        results["steady_state"] = steady_state(results["sizes"], min(args.sizes), max(args.sizes))
+        print(f"steady state: {json.dumps(results['steady_state'])}", flush=True)
     write_results(args.out, results)
+
+
+def steady_state(sizes: dict, small: int, large: int) -> dict:
+    """Images/s between two sizes, (large - small) / (t_large - t_small) on median times: the
+    rate once started, each side's fixed start-up cancelling out."""
+    rates = {
+        kind: round(
+            (large - small)
+            / (sizes[large]["median"][kind]["seconds"] - sizes[small]["median"][kind]["seconds"]),
+            2,
+        )
+        for kind in ("ideal", "ray")
+    }
+    return rates | {"ray_over_ideal": round(rates["ray"] / rates["ideal"], 3)}
 
 
 if __name__ == "__main__":

@@ -137,11 +137,18 @@ class LabelConfig(Section):
         description="CPUs Ray reserves per fetch/decode and per CRF task; a fraction lets them "
         "share cores with the model actors.",
     )
+    crf_pool: bool | None = Field(
+        None,
+        description="Run the CRF in a CPU actor pool of its own rather than in the model actors "
+        "after the walk. None = a pool when the model actors have GPUs (ray.use_gpu), so they "
+        "never wait on the CPU's CRF; on CPUs, finishing each image where it was walked spares "
+        "handing it over (docs/benchmarks.md).",
+    )
     crf_workers: int | None = Field(
         None,
         ge=1,
-        description="Most CRF actors (a CPU pool that grows with the work); None = as many as "
-        "the cluster's CPUs allow.",
+        description="Most CRF actors when the CRF has a pool (label.crf_pool; it grows with the "
+        "work); None = as many as the cluster's CPUs allow.",
     )
     min_rows_per_file: int = Field(
         1000,

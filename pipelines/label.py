@@ -7,8 +7,10 @@ records and one small count record per write task:
       + the image_ids this model version already wrote (unless --force)
     -> groupby(image_id).map_groups: the anti-join against earlier runs and the duplicate check
     -> fetch + decode                         CPU tasks (fetches overlap in threads)
-    -> CAM + random walk (`labeling.walk`)    actor pool, a GPU each when ray.use_gpu
-    -> CRF + final mask + PNG (`Finisher`)    CPU actor pool
+    -> CAM + random walk (`labeling.walk`)    model actors (`Walker`), a GPU each when ray.use_gpu
+    -> CRF + final mask + PNG (`finish_rows`) in a CPU actor pool of its own (`Finisher`) when the
+                                              model actors have GPUs; in the model actors, after
+                                              the walk, when they run on CPUs (`crf_pool`)
     -> ShardSink: labels/ and errors/ files (layout and schema: `pipelines.shards`)
 
 The steps without a model (rows, anti-join, fetch + decode, the sink) are in
@@ -120,15 +122,22 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
 
 
 class Walker:
-    """Ray Data actor: CAMs and the random walk (`wsss.labeling.walk`) of decoded rows. Each
-    actor loads both networks from their model records once, onto the GPU Ray gave it if any.
-    The result travels pickled: it is an intermediate of this job, never stored."""
+    """Ray Data actor: CAMs and the random walk (`wsss.labeling.walk`) of decoded rows, and with
+    `finish` the CRF too (`finish_rows`). Each actor loads both networks from their model records
+    once, onto the GPU Ray gave it if any. A walk handed on travels pickled: it is an
+    intermediate of this job, never stored."""
 
     def __init__(
-        self, cfg: RunConfig, classifier_record: str, affinity_record: str, classes: list[str]
+        self,
+        cfg: RunConfig,
+        classifier_record: str,
+        affinity_record: str,
+        classes: list[str],
+        finish: bool,
     ) -> None:
         device = default_device()
         self.cfg = cfg
+        self.finish = finish
         self.classifier = load_classifier(classifier_record, cfg).to(device)
         self.affinity_net = load_affinity_net(affinity_record, cfg).to(device)
         self.index = {name: i for i, name in enumerate(classes)}
@@ -152,7 +161,8 @@ class Walker:
                 fail(row, "walk", exc)
                 continue
             row["walked"] = pickle.dumps(walked, protocol=pickle.HIGHEST_PROTOCOL)
-        return pa.Table.from_pylist(rows, schema=label_rows.WALKED_SCHEMA)
+        walked_rows = pa.Table.from_pylist(rows, schema=label_rows.WALKED_SCHEMA)
+        return finish_rows(walked_rows, self.cfg) if self.finish else walked_rows
 
 
 def finish_rows(batch: pa.Table, cfg: RunConfig) -> pa.Table:
@@ -192,6 +202,14 @@ class Finisher:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return finish_rows(batch, self.cfg)
+
+
+def crf_pool(cfg: RunConfig) -> bool:
+    """Whether the CRF runs in a CPU actor pool of its own (label.crf_pool; by default when the
+    model actors have GPUs). A pool keeps GPU actors from waiting on the CPU's CRF; without
+    GPUs the model actors are CPU processes already, and finishing each image where it was
+    walked spares handing it over and the extra processes sharing the cores (bench/label.py)."""
+    return cfg.ray.use_gpu if cfg.label.crf_pool is None else cfg.label.crf_pool
 
 
 # --- the job ------------------------------------------------------------------------------------
@@ -293,7 +311,8 @@ def labelled_dataset(
     if done is not None:
         rows = rows.union(done)
     task = {"num_cpus": cfg.label.cpus_per_task, "batch_format": "pyarrow"}
-    return (
+    pool = crf_pool(cfg)
+    labelled = (
         rows.groupby("image_id", num_partitions=partitions)
         .map_groups(label_rows.resolve_group, batch_format="pyarrow")
         # A partition leaves the anti-join as one block: split it so the stages after share it.
@@ -311,6 +330,7 @@ def labelled_dataset(
                 "classifier_record": records["classifier"],
                 "affinity_record": records["affinity"],
                 "classes": classes,
+                "finish": not pool,
             },
             compute=ray.data.ActorPoolStrategy(size=r.model_actors),
             num_cpus=r.cpus_per_actor,
@@ -318,13 +338,15 @@ def labelled_dataset(
             batch_size=cfg.label.batch_size,
             batch_format="pyarrow",
         )
-        .map_batches(
-            Finisher,
-            fn_constructor_kwargs={"cfg": cfg},
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
-            batch_size=cfg.label.batch_size,
-            **task,
-        )
+    )
+    if not pool:
+        return labelled
+    return labelled.map_batches(
+        Finisher,
+        fn_constructor_kwargs={"cfg": cfg},
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
+        batch_size=cfg.label.batch_size,
+        **task,
     )
 
 
@@ -411,6 +433,7 @@ def run(
         "force": force,
         "retired_files": retired,
         "keep_stages": cfg.label.keep_stages,
+        "crf_pool": crf_pool(cfg),
         "started_at": started_at.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -234,9 +234,16 @@ def test_second_run_adds_nothing_and_counts_every_row_skipped(first_run, cfg):
     assert after == before
 
 
-def test_force_relabels_once_more_and_keeps_the_stages(first_run, cfg):
+def test_force_relabels_once_more_keeping_the_stages_and_a_crf_pool_gives_the_same_masks(
+    first_run, cfg
+):
     old = {row["image_id"]: row["mask"] for row in rows(cfg, "labels").to_pylist()}
-    forced = label.run(cfg, force=True, keep_stages=True, log=lambda _: None)
+    # The first run finished each image in the model actors (no GPUs); this one hands the walks
+    # to a CRF pool of its own, as on GPUs.
+    pooled = cfg.model_copy(update={"label": cfg.label.model_copy(update={"crf_pool": True})})
+    forced = label.run(pooled, force=True, keep_stages=True, log=lambda _: None)
+    assert forced["crf_pool"] and not first_run["crf_pool"]
+    assert any("Finisher" in name for name in forced["stages"])
     assert (forced["labelled"], forced["errors"], forced["skipped"]) == (LABELLED, ERRORS, 1)
     assert forced["retired_files"] > 0
     labels = rows(cfg, "labels").to_pylist()
