@@ -6,9 +6,10 @@ records and one small count record per write task:
     manifest rows (read_text / read_parquet; each row validated, a bad row becomes an error row)
       + the image_ids this model version already wrote (unless --force)
     -> groupby(image_id).map_groups: the anti-join against earlier runs and the duplicate check
-    -> fetch + decode                         CPU tasks (fetches overlap in threads)
+    -> fetch + decode                         CPU tasks (fetches overlap in threads; without
+                                              GPUs Ray fuses them into the model actors' calls)
     -> CAM + random walk (`labeling.walk`)    model actors (`Walker`), a GPU each when ray.use_gpu
-    -> CRF + final mask + PNG (`finish_rows`) in a CPU actor pool of its own (`Finisher`) when the
+    -> CRF + final mask + PNG (`finish_row`)   in a CPU actor pool of its own (`Finisher`) when the
                                               model actors have GPUs; in the model actors, after
                                               the walk, when they run on CPUs (`crf_pool`)
     -> ShardSink: labels/ and errors/ files (layout and schema: `pipelines.shards`)
@@ -123,7 +124,7 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
 
 class Walker:
     """Ray Data actor: CAMs and the random walk (`wsss.labeling.walk`) of decoded rows, and with
-    `finish` the CRF too (`finish_rows`). Each actor loads both networks from their model records
+    `finish` the CRF too (`finish_row`). Each actor loads both networks from their model records
     once, onto the GPU Ray gave it if any. A walk handed on travels pickled: it is an
     intermediate of this job, never stored."""
 
@@ -143,52 +144,61 @@ class Walker:
         self.index = {name: i for i, name in enumerate(classes)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = [row | {"walked": None} for row in batch.to_pylist()]
-        for row in rows:
-            if row["outcome"] != OK:
-                continue
-            labels = [self.index[name] for name in row["labels"]]
-            try:
-                walked = labeling.walk(
-                    row_image(row),
-                    labels,
-                    self.classifier,
-                    self.affinity_net,
-                    self.cfg.cam,
-                    self.cfg.random_walk,
-                )
-            except Exception as exc:  # e.g. out of memory: the image fails, not the job
-                fail(row, "walk", exc)
-                continue
-            row["walked"] = pickle.dumps(walked, protocol=pickle.HIGHEST_PROTOCOL)
-        walked_rows = pa.Table.from_pylist(rows, schema=label_rows.WALKED_SCHEMA)
-        return finish_rows(walked_rows, self.cfg) if self.finish else walked_rows
+        rows = batch.to_pylist()
+        walks = [self._walk(row) for row in rows]
+        if self.finish:
+            final = [finish_row(row, walk, self.cfg) for row, walk in zip(rows, walks, strict=True)]
+            return pa.Table.from_pylist(final, schema=label_rows.FINISHED_SCHEMA)
+        for row, walk in zip(rows, walks, strict=True):
+            row["walked"] = None if walk is None else pickle.dumps(walk, pickle.HIGHEST_PROTOCOL)
+        return pa.Table.from_pylist(rows, schema=label_rows.WALKED_SCHEMA)
+
+    def _walk(self, row: dict) -> labeling.Walked | None:
+        """The row's walk, or None when it failed before or fails here (then marked so)."""
+        if row["outcome"] != OK:
+            return None
+        try:
+            return labeling.walk(
+                row_image(row),
+                [self.index[name] for name in row["labels"]],
+                self.classifier,
+                self.affinity_net,
+                self.cfg.cam,
+                self.cfg.random_walk,
+            )
+        except Exception as exc:  # e.g. out of memory: the image fails, not the job
+            fail(row, "walk", exc)
+            return None
+
+
+def finish_row(row: dict, walked: labeling.Walked | None, cfg: RunConfig) -> dict:
+    """A decoded row and its walk -> the final row: dense CRF, final mask and confidence
+    (`wsss.labeling.finish`), masks PNG-encoded; CAM and walk masks too with label.keep_stages."""
+    final = label_rows.finished_row(row)
+    if row["outcome"] != OK:
+        return final
+    try:
+        labelled = labeling.finish(row_image(row), walked, cfg.crf, cfg.pseudo_label)
+        final.update(
+            mask=encode_mask(labelled.mask),
+            confidence=labelled.confidence,
+            ignore_fraction=labelled.ignore_fraction,
+        )
+        if cfg.label.keep_stages:
+            final.update(
+                mask_cam=encode_mask(labelled.cam_mask), mask_rw=encode_mask(labelled.rw_mask)
+            )
+    except Exception as exc:  # the image fails, not the job
+        fail(final, "crf", exc)
+    return final
 
 
 def finish_rows(batch: pa.Table, cfg: RunConfig) -> pa.Table:
-    """Ray Data step: walked rows -> final rows: dense CRF, final mask and confidence
-    (`wsss.labeling.finish`), masks PNG-encoded; CAM and walk masks too with label.keep_stages."""
-    keep = cfg.label.keep_stages
-    out = []
-    for row in batch.to_pylist():
-        final = label_rows.finished_row(row)
-        if row["outcome"] == OK:
-            try:
-                walked = pickle.loads(row["walked"])
-                labelled = labeling.finish(row_image(row), walked, cfg.crf, cfg.pseudo_label)
-                final.update(
-                    mask=encode_mask(labelled.mask),
-                    confidence=labelled.confidence,
-                    ignore_fraction=labelled.ignore_fraction,
-                )
-                if keep:
-                    final.update(
-                        mask_cam=encode_mask(labelled.cam_mask),
-                        mask_rw=encode_mask(labelled.rw_mask),
-                    )
-            except Exception as exc:  # the image fails, not the job
-                fail(final, "crf", exc)
-        out.append(final)
+    """Ray Data step: walked rows (the walk pickled) -> final rows (`finish_row`)."""
+    out = [
+        finish_row(row, None if row["walked"] is None else pickle.loads(row["walked"]), cfg)
+        for row in batch.to_pylist()
+    ]
     return pa.Table.from_pylist(out, schema=label_rows.FINISHED_SCHEMA)
 
 
