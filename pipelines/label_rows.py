@@ -3,7 +3,7 @@ outcomes, manifest validation, the anti-join against earlier runs, fetching and 
 and the shard sink (DESIGN §4.2).
 
 Nothing here imports torch, directly or through what it imports (`tests/test_label.py` checks):
-Ray runs these steps in its task workers, which then start in about a second and stay small
+Ray runs these steps in its task workers, which then start in under two seconds and stay small
 instead of loading torch (several seconds and ~600 MB each). The model steps are in
 `pipelines.label`.
 """
@@ -40,7 +40,7 @@ DUPLICATE = "duplicate"  # another manifest row has the same image_id
 _DONE_MARKER = "done_marker"  # rows read from earlier shards; they never leave the anti-join
 
 FETCH_THREADS = 16  # object-store reads overlap their latency within a fetch task
-ROW_GROUP_ROWS = 128  # small row groups: PseudoLabelDataset reads one per item it needs
+ROW_GROUP_ROWS = 128  # small row groups: reader.PseudoLabelDataset reads one per item it needs
 FILES_PER_TASK = 16  # shard files whose image_ids one task of the anti-join reads
 MANIFEST_BYTES_PER_PARTITION = 64 << 20  # ~0.5M manifest rows per anti-join partition
 MAX_MESSAGE_CHARS = 2000
