@@ -6,9 +6,10 @@ their model records are written here in the format a training writes, so no trai
 fetch + decode, `wsss.labeling.walk` (CAM + random walk), `wsss.labeling.finish` (dense CRF,
 final mask) and PNG encoding. The ideal is a multiprocessing pool of one process per core (one
 torch thread each) that starts, loads the networks and labels; it writes nothing. The Ray
-pipeline runs on a local Ray started with two logical CPUs per core, one model actor per core, so
-the CPU tasks (decode, CRF, writing) run beside the actors; its time is the whole `run` call
-(actor start-up, the manifest read and anti-join, writing the shards).
+pipeline runs on a local Ray started with two logical CPUs per core and one model actor per core,
+which without GPUs also decodes and runs the CRF (`label.crf_pool`); the CPU tasks (manifest,
+anti-join, writing) run beside the actors. Its time is the whole `run` call (actor start-up, the
+manifest read and anti-join, writing the shards).
 
 Two ratios: end to end (each side's whole time, start-up included, at each size) and steady state
 (the marginal rate between the smallest and the largest size, (n2 - n1) / (t2 - t1) on median
