@@ -169,6 +169,23 @@ def ideal(cfg: RunConfig, uris: dict[str, str], classes: list[str], cores: int) 
 # --- the Ray pipeline -------------------------------------------------------------------------
 
 
+def settle(quiet_s: float = 5.0, timeout_s: float = 60.0) -> None:
+    """Wait until the processes of the run before have exited (the number of this process's
+    descendants unchanged for `quiet_s`), so that they do not count in the next run's peak
+    memory. Ray keeps its daemons, idle workers and Ray Data's helper actors between runs."""
+    import psutil  # vendored by Ray
+
+    deadline = time.monotonic() + timeout_s
+    count, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = len(psutil.Process().children(recursive=True))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+        time.sleep(0.5)
+
+
 def with_ray(cfg: RunConfig, uris: dict[str, str], out: Path) -> dict:
     with PeakMemory() as memory:
         started = time.perf_counter()
@@ -226,6 +243,7 @@ def main() -> None:
         for r in range(rounds[size]):
             # Alternate the order so drift from other load on the machine hits both alike.
             for kind in ("ideal", "ray") if r % 2 == 0 else ("ray", "ideal"):
+                settle()
                 if kind == "ideal":
                     result = ideal(cfg, uris, classes, args.cores)
                 else:
