@@ -51,7 +51,6 @@ import ray
 from pipelines import label_rows, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
-from pipelines.label_rows import OK, ShardSink, fail, row_image
 from pipelines.model_record import (
     ModelRecord,
     load_affinity_net,
@@ -155,11 +154,11 @@ class Walker:
 
     def _walk(self, row: dict) -> labeling.Walked | None:
         """The row's walk, or None when it failed before or fails here (then marked so)."""
-        if row["outcome"] != OK:
+        if row["outcome"] != label_rows.OK:
             return None
         try:
             return labeling.walk(
-                row_image(row),
+                label_rows.row_image(row),
                 [self.index[name] for name in row["labels"]],
                 self.classifier,
                 self.affinity_net,
@@ -167,7 +166,7 @@ class Walker:
                 self.cfg.random_walk,
             )
         except Exception as exc:  # e.g. out of memory: the image fails, not the job
-            fail(row, "walk", exc)
+            label_rows.fail(row, "walk", exc)
             return None
 
 
@@ -175,10 +174,10 @@ def finish_row(row: dict, walked: labeling.Walked | None, cfg: RunConfig) -> dic
     """A decoded row and its walk -> the final row: dense CRF, final mask and confidence
     (`wsss.labeling.finish`), masks PNG-encoded; CAM and walk masks too with label.keep_stages."""
     final = label_rows.finished_row(row)
-    if row["outcome"] != OK:
+    if row["outcome"] != label_rows.OK:
         return final
     try:
-        labelled = labeling.finish(row_image(row), walked, cfg.crf, cfg.pseudo_label)
+        labelled = labeling.finish(label_rows.row_image(row), walked, cfg.crf, cfg.pseudo_label)
         final.update(
             mask=encode_mask(labelled.mask),
             confidence=labelled.confidence,
@@ -189,7 +188,7 @@ def finish_row(row: dict, walked: labeling.Walked | None, cfg: RunConfig) -> dic
                 mask_cam=encode_mask(labelled.cam_mask), mask_rw=encode_mask(labelled.rw_mask)
             )
     except Exception as exc:  # the image fails, not the job
-        fail(final, "crf", exc)
+        label_rows.fail(final, "crf", exc)
     return final
 
 
@@ -418,7 +417,7 @@ def run(
         log(f"--force: moved {retired} earlier shard file(s) to {out}/superseded/{run_id}/")
     log(f"labeling {cfg.dataset.manifest} into {out} (model version {version}, run {run_id})")
     ds = labelled_dataset(cfg, classes, uris, None if force else version, out)
-    sink = ShardSink(
+    sink = label_rows.ShardSink(
         out, cfg.storage, classes, run_id, version, cfg.hash(), cfg.label.min_rows_per_file
     )
     started = time.perf_counter()
