@@ -5,7 +5,8 @@ records and one small count record per write task:
 
     manifest rows (read_text / read_parquet; each row validated, a bad row becomes an error row)
       + the image_ids this model version already wrote (unless --force)
-    -> groupby(image_id).map_groups: the anti-join against earlier runs and the duplicate check
+    -> groupby(bucket of image_ids).map_groups: the anti-join against earlier runs and the
+                                              duplicate check
     -> fetch + decode                         CPU tasks (fetches overlap in threads; without
                                               GPUs Ray fuses them into the model actors' calls)
     -> CAM + random walk (`labeling.walk`)    model actors (`Walker`), a GPU each when ray.use_gpu
@@ -322,8 +323,13 @@ def labelled_dataset(
     task = {"num_cpus": cfg.label.cpus_per_task, "batch_format": "pyarrow"}
     pool = crf_pool(cfg)
     labelled = (
-        rows.groupby("image_id", num_partitions=partitions)
-        .map_groups(label_rows.resolve_group, batch_format="pyarrow")
+        rows.map_batches(
+            label_rows.with_bucket,
+            fn_kwargs={"buckets": partitions * label_rows.BUCKETS_PER_PARTITION},
+            batch_format="pyarrow",
+        )
+        .groupby(label_rows.BUCKET, num_partitions=partitions)
+        .map_groups(label_rows.resolve_bucket, batch_format="pyarrow")
         # A partition leaves the anti-join as one block: split it so the stages after share it.
         .repartition(target_num_rows_per_block=r.rows_per_block)
         .map_batches(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,8 @@ FETCH_THREADS = 16  # object-store reads overlap their latency within a fetch ta
 ROW_GROUP_ROWS = 128  # small row groups: reader.PseudoLabelDataset reads one per item it needs
 FILES_PER_TASK = 16  # shard files whose image_ids one task of the anti-join reads
 MANIFEST_BYTES_PER_PARTITION = 64 << 20  # ~0.5M manifest rows per anti-join partition
+BUCKETS_PER_PARTITION = 8  # anti-join groups (`with_bucket`): spread evenly over the partitions
+BUCKET = "bucket"
 MAX_MESSAGE_CHARS = 2000
 
 _ROW_FIELDS = [
@@ -189,29 +192,57 @@ def done_markers(
     )
 
 
-def resolve_group(group: pa.Table) -> pa.Table:
-    """Ray Data map_groups step: the manifest rows of one image_id, with done markers if an
-    earlier run wrote it. Already written: every row skipped. Several rows: the first (by image)
-    becomes a DuplicateImageId error, the rest are skipped. Otherwise the row goes on as is."""
-    is_marker = pc.equal(group.column("outcome"), _DONE_MARKER)
-    rows = group.filter(pc.invert(is_marker))
-    done = pc.any(is_marker).as_py()
-    if rows.num_rows == 0 or (rows.num_rows == 1 and not done):
-        return rows
-    if done:
-        outcomes = pa.array([ALREADY_DONE] * rows.num_rows, pa.string())
-        return rows.set_column(rows.schema.get_field_index("outcome"), "outcome", outcomes)
-    listed = sorted(rows.to_pylist(), key=lambda row: row["image"] or "")
-    images = ", ".join(repr(row["image"]) for row in listed[:5])
-    message = f"{len(listed)} manifest rows have this image_id (images {images})"
-    first = listed[0] | {
-        "outcome": ERROR,
-        "error_stage": "manifest",
-        "error_type": "DuplicateImageId",
-        "error_message": message[:MAX_MESSAGE_CHARS],
-    }
-    rest = [row | {"outcome": DUPLICATE} for row in listed[1:]]
-    return pa.Table.from_pylist([first, *rest], schema=ROW_SCHEMA)
+def with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
+    """Ray Data step: rows -> rows with the anti-join's group key, `bucket` = crc32(image_id)
+    % buckets (stable across processes, unlike hash()). The anti-join groups by bucket, not
+    by image_id: Ray's map_groups calls its function once per group, which cost ~0.5 ms per
+    image when every image_id was a group (bench/label.py)."""
+    keys = [zlib.crc32(image_id.encode()) % buckets for image_id in batch["image_id"].to_pylist()]
+    return batch.append_column(BUCKET, pa.array(keys, pa.int32()))
+
+
+def resolve_bucket(bucket: pa.Table) -> pa.Table:
+    """Ray Data map_groups step: the manifest rows of a bucket of image_ids (`with_bucket`),
+    with a done marker for each image_id an earlier run wrote. An image_id already written: all
+    its rows skipped. Several rows of one image_id: the first (by image) becomes a
+    DuplicateImageId error, the rest are skipped. Every other row goes on as it is."""
+    bucket = bucket.drop_columns([BUCKET])
+    is_marker = pc.equal(bucket["outcome"], _DONE_MARKER)
+    done_ids = bucket.filter(is_marker)["image_id"].combine_chunks()
+    rows = bucket.filter(pc.invert(is_marker))
+    done = pc.is_in(rows["image_id"], value_set=done_ids)
+    counts = rows.group_by("image_id").aggregate([("image_id", "count")])
+    repeated = counts.filter(pc.greater(counts["image_id_count"], 1))["image_id"]
+    duplicate = pc.and_not(pc.is_in(rows["image_id"], value_set=repeated.combine_chunks()), done)
+    outcome = pc.if_else(done, pa.scalar(ALREADY_DONE), rows["outcome"])
+    rows = rows.set_column(rows.schema.get_field_index("outcome"), "outcome", outcome)
+    return pa.concat_tables(
+        [rows.filter(pc.invert(duplicate)), _duplicates(rows.filter(duplicate))]
+    )
+
+
+def _duplicates(rows: pa.Table) -> pa.Table:
+    """The rows of image_ids that several manifest rows have: per image_id, the first by
+    image an error row, the others skipped."""
+    by_id: dict[str, list[dict]] = {}
+    for row in rows.to_pylist():
+        by_id.setdefault(row["image_id"], []).append(row)
+    out = []
+    for listed in by_id.values():
+        listed.sort(key=lambda row: row["image"] or "")
+        images = ", ".join(repr(row["image"]) for row in listed[:5])
+        message = f"{len(listed)} manifest rows have this image_id (images {images})"
+        out.append(
+            listed[0]
+            | {
+                "outcome": ERROR,
+                "error_stage": "manifest",
+                "error_type": "DuplicateImageId",
+                "error_message": message[:MAX_MESSAGE_CHARS],
+            }
+        )
+        out.extend(row | {"outcome": DUPLICATE} for row in listed[1:])
+    return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
 
 
 # --- fetch and decode -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import boto3
@@ -336,25 +337,57 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
 # --- without Ray ------------------------------------------------------------------------------
 
 
-def group(*rows_: dict) -> pa.Table:
-    return pa.Table.from_pylist(list(rows_), schema=label_rows.ROW_SCHEMA)
+def bucket(*rows_: dict) -> pa.Table:
+    """Rows as the anti-join gets them: with their bucket (one bucket for all)."""
+    table = pa.Table.from_pylist(list(rows_), schema=label_rows.ROW_SCHEMA)
+    return label_rows.with_bucket(table, buckets=1)
 
 
-def test_anti_join_group_skips_done_images_and_fails_duplicates():
+def test_anti_join_skips_done_images_and_fails_duplicates():
     row = label_rows._row("a", "s3://b/a.png", ["cat"])
     marker = label_rows._row("a", None, [], "done_marker")
-    assert label_rows.resolve_group(group(row)).to_pylist() == [row]
-    assert label_rows.resolve_group(group(marker)).num_rows == 0
-    skipped = label_rows.resolve_group(group(row, marker, row)).column("outcome").to_pylist()
+    assert label_rows.resolve_bucket(bucket(row)).to_pylist() == [row]
+    assert label_rows.resolve_bucket(bucket(marker)).num_rows == 0
+    skipped = label_rows.resolve_bucket(bucket(row, marker, row)).column("outcome").to_pylist()
     assert skipped == [label_rows.ALREADY_DONE] * 2
     other = row | {"image": "s3://b/0.png"}
-    first, second = label_rows.resolve_group(group(row, other)).to_pylist()
+    first, second = label_rows.resolve_bucket(bucket(row, other)).to_pylist()
     assert (first["outcome"], first["error_type"], first["image"]) == (
         label_rows.ERROR,
         "DuplicateImageId",
         "s3://b/0.png",
     )
     assert second["outcome"] == label_rows.DUPLICATE
+
+
+def test_anti_join_resolves_each_image_id_of_a_bucket_on_its_own():
+    fresh = [label_rows._row(f"new{i}", f"new{i}.png", ["cat"]) for i in range(3)]
+    done = label_rows._row("done", "done.png", ["dog"])
+    twice = [label_rows._row("twice", f"t{i}.png", ["cat"]) for i in (2, 1, 3)]
+    markers = [label_rows._row(i, None, [], "done_marker") for i in ("done", "gone")]
+    out = label_rows.resolve_bucket(bucket(*fresh, done, *twice, *markers, fresh[0] | {}))
+    outcomes = sorted((r["image_id"], r["image"], r["outcome"]) for r in out.to_pylist())
+    assert outcomes == [
+        ("done", "done.png", label_rows.ALREADY_DONE),
+        ("new0", "new0.png", label_rows.DUPLICATE),  # listed twice with one image: still
+        ("new0", "new0.png", label_rows.ERROR),  # a duplicate
+        ("new1", "new1.png", label_rows.OK),
+        ("new2", "new2.png", label_rows.OK),
+        ("twice", "t1.png", label_rows.ERROR),
+        ("twice", "t2.png", label_rows.DUPLICATE),
+        ("twice", "t3.png", label_rows.DUPLICATE),
+    ]
+    assert out.schema == label_rows.ROW_SCHEMA
+
+
+def test_anti_join_buckets_are_stable_and_in_range():
+    table = pa.Table.from_pylist(
+        [label_rows._row(f"img{i}", "x.png", []) for i in range(200)], schema=label_rows.ROW_SCHEMA
+    )
+    keys = label_rows.with_bucket(table, buckets=8)[label_rows.BUCKET].to_pylist()
+    assert set(keys) == set(range(8))  # 200 ids fill every one of 8 buckets
+    # crc32, not hash(): the same image_id lands in the same bucket in every process
+    assert keys[:3] == [zlib.crc32(f"img{i}".encode()) % 8 for i in range(3)]
 
 
 def test_manifest_records_are_validated_row_by_row():
