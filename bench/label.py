@@ -65,8 +65,8 @@ def config(args: argparse.Namespace, manifest: Path, work: Path, name: str) -> R
             f"ray.model_actors={args.cores}",
             "ray.cpus_per_actor=1",
             f"label.batch_size={args.batch_size}",
-            f"ray.rows_per_block={args.batch_size * 2}",
             f"label.min_rows_per_file={args.rows_per_file}",
+            *([f"ray.rows_per_block={args.rows_per_block}"] if args.rows_per_block else []),
         ]
     )
 
@@ -217,6 +217,9 @@ def main() -> None:
     parser.add_argument("--max-side", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows-per-file", type=int, default=200)
+    parser.add_argument(
+        "--rows-per-block", type=int, help="ray.rows_per_block (default: the config's)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     rounds = dict(zip(args.sizes, args.rounds + [1] * len(args.sizes), strict=False))

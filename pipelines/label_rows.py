@@ -40,7 +40,7 @@ ALREADY_DONE = "already_done"  # this model version wrote a row for the image be
 DUPLICATE = "duplicate"  # another manifest row has the same image_id
 _DONE_MARKER = "done_marker"  # rows read from earlier shards; they never leave the anti-join
 
-FETCH_THREADS = 16  # object-store reads overlap their latency within a fetch task
+FETCH_THREADS = 16  # S3 reads overlap their latency within a fetch task
 ROW_GROUP_ROWS = 128  # small row groups: reader.PseudoLabelDataset reads one per item it needs
 FILES_PER_TASK = 16  # shard files whose image_ids one task of the anti-join reads
 MANIFEST_BYTES_PER_PARTITION = 64 << 20  # ~0.5M manifest rows per anti-join partition
@@ -261,8 +261,12 @@ def fetch_and_decode(batch: pa.Table, config: StorageConfig, max_pixels: int) ->
     large images at stage decode."""
     rows = [row | {"height": 0, "width": 0, "pixels": None} for row in batch.to_pylist()]
     todo = [row for row in rows if row["outcome"] == OK]
-    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, max(1, len(todo)))) as pool:
-        fetched = list(pool.map(partial(_fetch, config=config), [r["image"] for r in todo]))
+    uris = [row["image"] for row in todo]
+    if any(storage.is_s3(uri) for uri in uris):
+        with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(uris))) as pool:
+            fetched = list(pool.map(partial(_fetch, config=config), uris))
+    else:  # local reads are quicker one after another than the threads cost to start
+        fetched = [_fetch(uri, config) for uri in uris]
     for row, data in zip(todo, fetched, strict=True):
         if isinstance(data, Exception):
             fail(row, "fetch", data)
