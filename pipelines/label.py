@@ -7,7 +7,7 @@ records and one small count record per write task:
       + the image_ids this model version already wrote (unless --force)
     -> groupby(bucket of image_ids).map_groups: the anti-join against earlier runs and the
                                               duplicate check
-    -> fetch + decode                         CPU tasks (fetches overlap in threads; without
+    -> fetch + decode                         CPU tasks (S3 fetches overlap in threads; without
                                               GPUs Ray fuses them into the model actors' calls)
     -> CAM + random walk (`labeling.walk`)    model actors (`Walker`), a GPU each when ray.use_gpu
     -> CRF + final mask + PNG (`finish_row`)   in a CPU actor pool of its own (`Finisher`) when the
