@@ -196,7 +196,7 @@ def with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
     """Ray Data step: rows -> rows with the anti-join's group key, `bucket` = crc32(image_id)
     % buckets (stable across processes, unlike hash()). The anti-join groups by bucket, not
     by image_id: Ray's map_groups calls its function once per group, which cost ~0.5 ms per
-    image when every image_id was a group (bench/label.py)."""
+    image when every image_id was a group (docs/benchmarks.md)."""
     keys = [zlib.crc32(image_id.encode()) % buckets for image_id in batch["image_id"].to_pylist()]
     return batch.append_column(BUCKET, pa.array(keys, pa.int32()))
 
