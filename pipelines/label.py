@@ -218,7 +218,7 @@ def crf_pool(cfg: RunConfig) -> bool:
     """Whether the CRF runs in a CPU actor pool of its own (label.crf_pool; by default when the
     model actors have GPUs). A pool keeps GPU actors from waiting on the CPU's CRF; without
     GPUs the model actors are CPU processes already, and finishing each image where it was
-    walked spares handing it over and the extra processes sharing the cores (bench/label.py)."""
+    walked spares handing it over and the extra processes sharing the cores (docs/benchmarks.md)."""
     return cfg.ray.use_gpu if cfg.label.crf_pool is None else cfg.label.crf_pool
 
 
