@@ -233,7 +233,10 @@ def main() -> None:
     print(f"{max(args.sizes)} images generated in {time.perf_counter() - started:.0f} s")
     lines = manifest.read_text().splitlines()
     classes = (work / "data" / "classes.txt").read_text().split()
-    ray.init(num_cpus=2 * args.cores, include_dashboard=False)
+    # Imported here: the ideal's spawned processes import this module, and need no Ray Train.
+    from pipelines.train import start_local_ray
+
+    start_local_ray(2 * args.cores, include_dashboard=False)  # as `wsss label` starts one
     ray.data.DataContext.get_current().enable_progress_bars = False
 
     results: dict = {"machine": machine_info(torch_threads_per_process=1), "sizes": {}}

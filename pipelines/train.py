@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -67,11 +68,32 @@ class InsufficientResourcesError(ConfigError):
     them without end."""
 
 
+# Ray keeps no more idle workers than there are free logical CPUs (ray-project/ray#36766). While
+# model actors or training workers hold CPUs, the workers that ran one Ray Data operator's tasks
+# are killed within a second of going idle, and the next operator (or the next run) starts a
+# fresh Python worker: ~1.5-2 CPU-s each, a large share of a short job on a small node
+# (docs/benchmarks.md). A local instance keeps this many idle workers per logical CPU instead.
+IDLE_WORKERS_PER_CPU = 2
+
+
+def start_local_ray(num_cpus: int | None = None, **options: Any) -> None:
+    """Start a local Ray instance with `num_cpus` logical CPUs (None = the machine's cores) that
+    keeps its idle workers for the next tasks (`IDLE_WORKERS_PER_CPU`); `options` go to
+    `ray.init`. A RAY_num_workers_soft_limit set by the user wins."""
+    cpus = num_cpus or os.cpu_count() or 1
+    # Read by the raylet that ray.init starts, which inherits this process's environment.
+    os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS_PER_CPU * cpus))
+    ray.init(num_cpus=num_cpus, **options)
+
+
 def connect(cfg: RunConfig) -> None:
-    """Join the cluster at `ray.address` (or start a local Ray) unless already connected."""
+    """Join the cluster at `ray.address` (or start a local Ray, `start_local_ray`) unless
+    already connected."""
     if not ray.is_initialized():
-        local = {"num_cpus": cfg.ray.local_cpus} if cfg.ray.address is None else {}
-        ray.init(address=cfg.ray.address, **local)
+        if cfg.ray.address is None:
+            start_local_ray(cfg.ray.local_cpus)
+        else:
+            ray.init(address=cfg.ray.address)
     # Ray 2.60's default Parquet reader (DataSourceV2) starts 32 footer-reading actors for every
     # read_parquet call, ~10 s per read on a 2-core node (measured; docs/benchmarks.md) for our
     # one-file manifests and ledgers; the V1 reader lists and reads the same files in tasks.

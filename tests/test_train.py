@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -258,6 +259,42 @@ def test_more_workers_or_gpus_than_the_cluster_has_fail_fast(cfg, ray_cluster, c
     assert main(["train-classifier", "--set", "ray.cpus_per_worker=16"]) == 2
     assert "no node has that much" in capsys.readouterr().err
     assert time.perf_counter() - started < 10
+
+
+@ray.remote(num_cpus=1)
+def _worker_pid(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()
+
+
+@ray.remote
+class _CpuHolder:
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def test_local_ray_keeps_idle_workers_while_cpus_are_held(ray_cluster):
+    """Ray on its own keeps no more idle workers than there are free CPUs: with three of the
+    four held (as model actors hold theirs), two of the three idle workers would be killed
+    within a second or two and the next tasks would start new processes. The local instance
+    of `start_local_ray` (the session's, as `wsss` starts one) keeps them."""
+    workers = set(ray.get([_worker_pid.remote(0.5) for _ in range(4)]))  # four at once
+    assert len(workers) == 4
+    holder = _CpuHolder.options(num_cpus=3).remote()
+    try:
+        idle = workers - {ray.get(holder.pid.remote())}  # the actor may take one of them
+        time.sleep(4)  # Ray kills surplus workers idle for over a second, checking every 0.2 s
+        assert {pid for pid in idle if _alive(pid)} == idle
+    finally:
+        ray.kill(holder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # --- without Ray ----------------------------------------------------------------------------
