@@ -275,9 +275,9 @@ class _CpuHolder:
 
 def test_local_ray_keeps_idle_workers_while_cpus_are_held(ray_cluster):
     """Ray on its own keeps no more idle workers than there are free CPUs: with three of the
-    four held (as model actors hold theirs), two of the three idle workers would be killed
-    within a second or two and the next tasks would start new processes. The local instance
-    of `start_local_ray` (the session's, as `wsss` starts one) keeps them."""
+    four held (as model actors hold theirs), all idle workers but one would be killed within a
+    second or two, and the next tasks would start new processes. The local instance of
+    `start_local_ray` (the session's, as `wsss` starts one) keeps them."""
     workers = set(ray.get([_worker_pid.remote(0.5) for _ in range(4)]))  # four at once
     assert len(workers) == 4
     holder = _CpuHolder.options(num_cpus=3).remote()
