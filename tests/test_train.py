@@ -278,11 +278,12 @@ def test_local_ray_keeps_idle_workers_while_cpus_are_held(ray_cluster):
     four held (as model actors hold theirs), all idle workers but one would be killed within a
     second or two, and the next tasks would start new processes. The local instance of
     `start_local_ray` (the session's, as `wsss` starts one) keeps them."""
-    workers = set(ray.get([_worker_pid.remote(0.5) for _ in range(4)]))  # four at once
-    assert len(workers) == 4
+    # Four at once; where a new worker would start slowly, Ray may run one after another.
+    workers = set(ray.get([_worker_pid.remote(1.0) for _ in range(4)]))
     holder = _CpuHolder.options(num_cpus=3).remote()
     try:
         idle = workers - {ray.get(holder.pid.remote())}  # the actor may take one of them
+        assert len(idle) >= 2  # more than the one CPU left free
         time.sleep(4)  # Ray kills surplus workers idle for over a second, checking every 0.2 s
         assert {pid for pid in idle if _alive(pid)} == idle
     finally:
