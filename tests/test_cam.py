@@ -129,3 +129,18 @@ def test_add_background_threshold_and_power():
     torch.testing.assert_close(out[:, 0], (1 - batch.amax(dim=1)) ** 16)
     with pytest.raises(ValueError, match="K >= 1"):
         add_background(np.zeros((2, 2), np.float32), BackgroundParams())
+
+
+def test_otsu_background_splits_each_map_between_its_two_modes():
+    from wsss.cam import otsu_threshold
+
+    low, high = torch.full((1, 6, 10), 0.1), torch.full((1, 6, 10), 0.7)
+    scores = torch.cat([low[..., :6], high[..., :4]], dim=-1)  # 60% at 0.1, 40% at 0.7
+    threshold = float(otsu_threshold(scores))
+    assert 0.1 < threshold < 0.7
+    batch = torch.stack([scores, scores * 0.5])  # (B, 1, h, w): one threshold per map
+    thresholds = otsu_threshold(batch)
+    assert thresholds.shape == (2, 1, 1, 1)
+    assert 0.05 < float(thresholds[1]) < 0.35
+    out = add_background(scores.numpy(), BackgroundParams(method="otsu"))
+    assert out.argmax(axis=0)[0].tolist() == [0] * 6 + [1] * 4
