@@ -14,9 +14,9 @@ def test_config_reference_is_current():
 
 def test_config_reference_lists_every_field_with_its_bounds():
     page = config_reference.markdown()
-    assert "| `classifier.optim.epochs` | int | `12` | > 0 |" in page
+    assert "| `classifier.optim.epochs` | int | `5` | > 0 |" in page
     assert "| `ray.gpus_per_actor` | float | `1.0` | > 0, <= 1 |" in page
-    assert '| `cam.background.method` | "threshold" \\| "power" |' in page
+    assert '| `cam.background.method` | "threshold" \\| "power" \\| "otsu" |' in page
 
 
 def test_output_schema_page_names_every_column():
