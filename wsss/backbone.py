@@ -68,7 +68,10 @@ PACKAGED_WEIGHTS = {
 class BackboneParams(Params):
     """Backbone architecture and its initial weights."""
 
-    library: Library = "torchvision"
+    # None = by name: torchvision for its ResNets, timm for any other name. So a configuration
+    # that names a ResNet keeps torchvision's network whatever the defaults' library is; timm's
+    # own ResNets need `library: timm`.
+    library: Library | None = None
     # torchvision: resnet18 | resnet50 | resnet101; timm: any model name timm knows.
     name: str = "resnet50"
     output_stride: Literal[8, 16] = 16
@@ -82,10 +85,15 @@ class BackboneParams(Params):
     # random initialisation the statistics must be learned, hence off by default.
     freeze_batchnorm: bool = False
 
+    @property
+    def network_library(self) -> Library:
+        """The library that builds this network (`library`, or the one its name implies)."""
+        return _network_library(self.library, self.name)
+
     @field_validator("name")
     @classmethod
     def _check_name(cls, name: str, info: ValidationInfo) -> str:
-        library = info.data.get("library", "torchvision")
+        library = _network_library(info.data.get("library"), name)
         if library == "torchvision" and name not in TORCHVISION_RESNETS:
             raise ValueError(
                 f"torchvision backbone must be one of {', '.join(TORCHVISION_RESNETS)}, "
@@ -102,9 +110,10 @@ class BackboneParams(Params):
     @classmethod
     def _check_weights(cls, weights: str | None, info: ValidationInfo) -> str | None:
         # A file's contents are checked only when it is loaded.
-        library, name = info.data.get("library"), info.data.get("name")
+        name = info.data.get("name")
         if weights is None or name is None:
             return weights
+        library = _network_library(info.data.get("library"), name)
         if weights.startswith(PACKAGE_PREFIX):
             package = weights[len(PACKAGE_PREFIX) :]
             if package not in PACKAGED_WEIGHTS:
@@ -119,6 +128,12 @@ class BackboneParams(Params):
         elif _WEIGHTS_NAME.match(weights) and library != "torchvision":
             raise ValueError(f"{weights!r} is a torchvision weights name, library is {library}")
         return weights
+
+
+def _network_library(library: Library | None, name: str) -> Library:
+    if library is not None:
+        return library
+    return "torchvision" if name in TORCHVISION_RESNETS else "timm"
 
 
 class Backbone(nn.Module):
@@ -256,7 +271,7 @@ def build_backbone(
     name: str,
     output_stride: int = 16,
     freeze_batchnorm: bool = False,
-    library: Library = "torchvision",
+    library: Library | None = None,
 ) -> Backbone:
     """A randomly initialised backbone (never downloads anything)."""
     return backbone_from_params(
@@ -272,7 +287,7 @@ def build_backbone(
 def backbone_from_params(params: BackboneParams) -> Backbone:
     """The backbone described by `params`, randomly initialised: weights are loaded separately
     (`load_backbone_weights`) because a URI needs the pipelines' storage layer."""
-    return (ResNetBackbone if params.library == "torchvision" else TimmBackbone)(params)
+    return (ResNetBackbone if params.network_library == "torchvision" else TimmBackbone)(params)
 
 
 WeightsSource = str | bytes | BinaryIO | Mapping[str, torch.Tensor]
@@ -290,7 +305,7 @@ def load_backbone_weights(backbone: Backbone, source: WeightsSource) -> None:
     """
     state = dict(_read_state_dict(source))
     expected = backbone.state_dict()
-    if backbone.params.library == "timm":
+    if backbone.params.network_library == "timm":
         state = timm_state_dict(backbone.params.name, state)
     prefix = backbone.key_prefix
     if prefix and not any(k.startswith(prefix) for k in state):
