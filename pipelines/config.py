@@ -24,6 +24,7 @@ from pipelines.storage import StorageConfig
 from wsss.affinity import AffinityLabelParams, AffinityNetParams
 from wsss.backbone import BackboneParams
 from wsss.cam import CamParams
+from wsss.class_report import ClassReportParams
 from wsss.classifier import ClassifierParams
 from wsss.crf import CrfParams
 from wsss.pseudo_label import PseudoLabelParams
@@ -169,12 +170,19 @@ class EvaluateConfig(Section):
     gallery_images: int = Field(
         12, ge=0, description="Images in the overlay gallery (0: no gallery)."
     )
+    class_report: ClassReportParams = ClassReportParams()
 
 
 class RunConfig(Section):
     name: str = Field("demo", min_length=1, description="Run name: outputs go to output/name.")
     seed: int = Field(0, ge=0, description="Seed for training and sampling.")
     output: str = Field("runs", description="Root folder or s3:// URI for a run's outputs.")
+    log_dir: str | None = Field(
+        None,
+        description="Local folder for the log file of each Ray command: Ray's, its workers' and "
+        "the libraries' own output, kept off the terminal. None = the run folder's logs/ when "
+        "the run folder is local, else ./logs/<name>.",
+    )
     device: str | None = Field(
         None, description="Torch device for in-process stages; None picks cuda when available."
     )

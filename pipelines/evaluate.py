@@ -23,12 +23,19 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.storage import StorageConfig
 from pipelines.train import connect
+from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
 from wsss.imageio import decode_mask
 from wsss.metrics import ConfusionMatrix
 
 RESULT_FILE = "evaluation.json"
 # Stage name -> shard column holding its mask. The final mask is the CRF's, thresholded.
 STAGE_COLUMNS = {"cam": "mask_cam", "random_walk": "mask_rw", "crf": "mask"}
+
+
+CLASS_REPORT_TITLE = (
+    "Which classes the image labels can localise (area: the mean share of an image labelled "
+    "with the class that each stage's mask gives it):"
+)
 
 
 def labels_uri(cfg: RunConfig) -> str:
@@ -39,36 +46,43 @@ def labels_uri(cfg: RunConfig) -> str:
 def score_batch(
     batch: dict[str, np.ndarray],
     ground_truth: dict[str, str],
-    n_classes: int,
+    classes: list[str],
     config: StorageConfig,
 ) -> dict[str, np.ndarray]:
-    """Ray Data step: shard rows -> one row per stage with the batch's confusion counts, and
-    how many rows had ground truth."""
+    """Ray Data step: shard rows -> one row per stage with the batch's confusion counts over
+    the rows that have ground truth, how many those were, and the class areas of every row
+    (`wsss.class_report.ClassAreas`, which needs no ground truth)."""
+    n_classes = len(classes)
+    index = {name: i for i, name in enumerate(classes)}
     matrices = {stage: ConfusionMatrix(n_classes) for stage in STAGE_COLUMNS}
+    areas = {stage: ClassAreas(n_classes) for stage in STAGE_COLUMNS}
     present = {stage: False for stage in STAGE_COLUMNS}
     evaluated = 0
     for i, image_id in enumerate(batch["image_id"]):
         truth_uri = ground_truth.get(str(image_id))
-        if truth_uri is None:
-            continue
-        truth = decode_mask(storage.read_bytes(truth_uri, config))
-        evaluated += 1
+        truth = decode_mask(storage.read_bytes(truth_uri, config)) if truth_uri else None
+        evaluated += truth is not None
+        labels = [index[name] for name in batch["labels"][i]]
         for stage, column in STAGE_COLUMNS.items():
             png = batch[column][i] if column in batch else None
             if png is None:
                 continue
             pred = decode_mask(png)
+            present[stage] = True
+            areas[stage].update(pred, labels)
+            if truth is None:
+                continue
             if pred.shape != truth.shape:
                 raise ValueError(
                     f"{image_id}: {column} is {pred.shape}, its ground truth {truth_uri} is "
                     f"{truth.shape}"
                 )
             matrices[stage].update(pred, truth)
-            present[stage] = True
     stages = [stage for stage in STAGE_COLUMNS if present[stage]]
     return {
         "stage": np.array(stages, dtype=object),
         "counts": np.array([matrices[s].counts.ravel() for s in stages]).reshape(len(stages), -1),
+        "areas": np.array([areas[s].sums.ravel() for s in stages]).reshape(len(stages), -1),
         "images": np.full(len(stages), evaluated, dtype=np.int64),
     }
 
@@ -106,20 +120,33 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
     n_classes = len(manifest.classes)
     model_version = shards.resolve_model_version(out_uri, cfg.storage, model_version)
     rows = shards.read_shard_rows(
-        out_uri, cfg.storage, shards.LABELS, model_version, ["image_id", *STAGE_COLUMNS.values()]
+        out_uri,
+        cfg.storage,
+        shards.LABELS,
+        model_version,
+        ["image_id", "labels", *STAGE_COLUMNS.values()],
     )
     scored = rows.map_batches(
         score_batch,
-        fn_kwargs={"ground_truth": ground_truth, "n_classes": n_classes, "config": cfg.storage},
+        fn_kwargs={
+            "ground_truth": ground_truth,
+            "classes": manifest.classes,
+            "config": cfg.storage,
+        },
         batch_size=cfg.ray.rows_per_block,
         batch_format="numpy",
     )
     matrices: dict[str, ConfusionMatrix] = {}
+    areas: dict[str, ClassAreas] = {}
     images: dict[str, int] = {}
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
-        for stage, counts, n in zip(batch["stage"], batch["counts"], batch["images"], strict=True):
+        for stage, counts, sums, n in zip(
+            batch["stage"], batch["counts"], batch["areas"], batch["images"], strict=True
+        ):
             partial = ConfusionMatrix(n_classes, counts.reshape(n_classes, n_classes + 1))
             matrices[stage] = matrices[stage].merge(partial) if stage in matrices else partial
+            part = ClassAreas(n_classes, sums.reshape(2, n_classes))
+            areas[stage] = areas[stage].merge(part) if stage in areas else part
             images[stage] = images.get(stage, 0) + int(n)
     return {
         "labels": out_uri,
@@ -132,6 +159,13 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
             for stage in STAGE_COLUMNS
             if stage in matrices
         },
+        "class_report": class_report(
+            manifest.classes,
+            presence_rates((manifest.label_indices(row) for row in manifest.rows), n_classes),
+            areas,
+            cfg.evaluate.class_report,
+            final="crf",
+        ),
     }
 
 
@@ -171,6 +205,8 @@ def run(
         if r["miou"] is None:
             log(f"{stage}: {r['note']} ({r['images']} image(s) with ground truth)")
     log(f"{result['ground_truth_images']} image(s) with ground truth; result in {result_uri}")
+    log(CLASS_REPORT_TITLE)
+    log(format_class_report(result["class_report"]))
     if cfg.evaluate.gallery_images:
         written = gallery.write_gallery(
             out_uri,

@@ -19,20 +19,22 @@ import torch
 
 from pipelines import storage
 from pipelines.config import RunConfig
-from pipelines.evaluate import format_table, round_metric, stage_result
+from pipelines.evaluate import CLASS_REPORT_TITLE, format_table, round_metric, stage_result
 from pipelines.inputs import load_manifest, resolve_weights
 from wsss import labeling
 from wsss.affinity import affinity_label_map, train_affinity_net
 from wsss.cam import BackgroundParams, compute_cams
+from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
 from wsss.classifier import image_scores, train_classifier
 from wsss.dataset import Manifest
 from wsss.imageio import decode_image, decode_mask
 from wsss.metrics import ConfusionMatrix, mean_average_precision
-from wsss.training import default_device
+from wsss.training import EpochEnd, default_device, epoch_summary
 
 # CAM-stage background thresholds swept for the CAM mIoU (IRN reports the best of such a sweep);
 # the whole range: with a pretrained backbone the best value sat at 0.7 (docs/benchmarks.md).
 BG_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
+CONSTANT = {t: BackgroundParams(method="threshold", threshold=t) for t in BG_THRESHOLDS}
 
 
 @dataclass
@@ -57,14 +59,8 @@ def load_examples(cfg: RunConfig, manifest: Manifest) -> list[Example]:
     return examples
 
 
-def _log_epoch(what: str, log: Callable[[str], None]) -> Callable[[int, dict], None]:
-    def on_epoch_end(epoch: int, metrics: dict) -> None:
-        log(
-            f"  {what} epoch {epoch + 1}: loss {metrics['loss']:.4f} "
-            f"({metrics['samples_per_s']:.1f} samples/s)"
-        )
-
-    return on_epoch_end
+def _log_epoch(what: str, epochs: int, log: Callable[[str], None]) -> EpochEnd:
+    return lambda epoch, metrics: log(epoch_summary(what, epoch, epochs, metrics))
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
@@ -93,7 +89,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         cfg.classifier.optim,
         cfg.seed,
         device,
-        on_epoch_end=_log_epoch("classifier", log),
+        on_epoch_end=_log_epoch("classifier", cfg.classifier.optim.epochs, log),
     )
     targets = np.stack([manifest.label_targets(row) for row in manifest.rows])
     train_map = mean_average_precision(
@@ -109,7 +105,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         cams.append(cams_fg)
         if e.mask is not None:
             for thr, matrix in sweep.items():
-                matrix.update(labeling.cam_mask(cams_fg, BackgroundParams(threshold=thr)), e.mask)
+                matrix.update(labeling.cam_mask(cams_fg, CONSTANT[thr]), e.mask)
         label_map = affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image)
         affinity_samples.append((e.image, label_map))
     t = lap("cam", t)
@@ -122,11 +118,12 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         cfg.seed,
         device,
         backbone_state=classifier.backbone.state_dict(),
-        on_epoch_end=_log_epoch("affinity", log),
+        on_epoch_end=_log_epoch("affinity", cfg.affinity.optim.epochs, log),
     )
     t = lap("train_affinity", t)
 
     stages = {name: ConfusionMatrix(n_all) for name in ("cam", "random_walk", "crf")}
+    areas = {name: ClassAreas(n_all) for name in stages}
     walked_all = []
     for e, cams_fg in zip(examples, cams, strict=True):
         walked_all.append(
@@ -137,6 +134,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     t = lap("random_walk", t)
     for e, walked in zip(examples, walked_all, strict=True):
         out = labeling.finish(e.image, walked, cfg.crf, cfg.pseudo_label)
+        for name, mask in (("cam", out.cam_mask), ("random_walk", out.rw_mask), ("crf", out.mask)):
+            areas[name].update(mask, e.labels)
         if e.mask is not None:
             stages["cam"].update(out.cam_mask, e.mask)
             stages["random_walk"].update(out.rw_mask, e.mask)
@@ -151,6 +150,13 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         "classes": manifest.classes,
         "classifier_train_map": round(float(train_map), 4),
         "stages": {name: stage_result(m, evaluated) for name, m in stages.items()},
+        "class_report": class_report(
+            manifest.classes,
+            presence_rates((e.labels for e in examples), n_all),
+            areas,
+            cfg.evaluate.class_report,
+            final="crf",
+        ),
         "cam_threshold_sweep": {str(thr): round_metric(m.miou()) for thr, m in sweep.items()},
         "cam_best_threshold": best_threshold,
         "cam_best_miou": round_metric(sweep[best_threshold].miou()),
@@ -177,6 +183,9 @@ def main(cfg: RunConfig) -> dict:
         f"({summary['cam_best_threshold']}): {'-' if best is None else f'{100 * best:.1f}'}"
     )
     print(f"classifier mAP on the training images: {100 * summary['classifier_train_map']:.1f}")
+    print()
+    print(CLASS_REPORT_TITLE)
+    print(format_class_report(summary["class_report"]))
     print(f"time per stage (s): {summary['seconds']}")
     print(f"summary and resolved config written to {summary['output']}")
     return summary

@@ -99,6 +99,22 @@ def test_ground_truth_as_labels_scores_one_and_the_gallery_shows_it(
     assert stages["random_walk"]["counts"] == expected.counts.tolist()
     assert stages["random_walk"]["miou"] < 0.5
 
+    # The class report: the final masks are the ground truth, so each class's area is its mean
+    # share of the images labelled with it there; the walk's all-background masks give it none.
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    classes = result["classes"]
+    for entry in result["class_report"]:
+        labelled = [r for r in rows if entry["class"] in r["labels"]]
+        c = classes.index(entry["class"])
+        if not labelled:
+            assert entry["presence"] == 0 and entry["area"]["crf"] is None
+            continue
+        shares = [(read_mask(data_dir / r["mask"]) == c).mean() for r in labelled]
+        assert entry["presence"] == pytest.approx(len(labelled) / N_IMAGES, abs=1e-4)
+        assert entry["area"]["crf"] == pytest.approx(np.mean(shares), abs=1e-4)
+        assert entry["area"]["random_walk"] == 0.0
+    assert "| class | labelled in |" in "\n".join(lines)
+
     saved = json.loads((out / evaluate.RESULT_FILE).read_text())
     assert saved["stages"] == stages
     table = "\n".join(lines)
