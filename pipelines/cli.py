@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError, RunConfig, load_config
@@ -59,47 +60,68 @@ def cmd_run_local(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_record(record: ModelRecord) -> None:
+@contextmanager
+def _console(cfg: RunConfig, command: str) -> Iterator[Callable[[str], None]]:
+    """Ray's and the libraries' output to a log file for the block; yields the writer of our
+    own lines to the terminal (`pipelines.console`)."""
+    from pipelines import console
+
+    path = console.log_path(cfg, command)
+    with console.library_output_to(path) as say:
+        say(f"Ray's and the libraries' own output goes to {path}")
+        yield say
+
+
+def _print_record(record: ModelRecord, say: Callable[[str], None]) -> None:
     metrics = ", ".join(f"{k} {v:.4g}" for k, v in record.metrics.items())
-    print(f"{record.stage}: {record.epochs} epoch(s), last epoch: {metrics}")
-    print(f"checkpoint {record.checkpoint_uri}")
+    say(f"{record.stage}: {record.epochs} epoch(s), last epoch: {metrics}")
+    say(f"checkpoint {record.checkpoint_uri}")
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
     from pipelines import train_classifier
 
-    _print_record(train_classifier.run(_config(args)))
+    cfg = _config(args)
+    with _console(cfg, "train-classifier") as say:
+        _print_record(train_classifier.run(cfg, say), say)
     return 0
 
 
 def cmd_train_affinity(args: argparse.Namespace) -> int:
     from pipelines import train_affinity
 
-    _print_record(train_affinity.run(_config(args), args.classifier))
+    cfg = _config(args)
+    with _console(cfg, "train-affinity") as say:
+        _print_record(train_affinity.run(cfg, args.classifier, log=say), say)
     return 0
 
 
 def cmd_label(args: argparse.Namespace) -> int:
     from pipelines import label
 
-    summary = label.run(
-        _config(args),
-        input_uri=args.input,
-        out_uri=args.out,
-        force=args.force,
-        keep_stages=args.keep_stages,
-        classifier_record=args.classifier,
-        affinity_record=args.affinity,
-    )
-    for key in ("input", "labelled", "errors", "skipped"):
-        print(f"{key}: {summary[key]}")
+    cfg = _config(args)
+    with _console(cfg, "label") as say:
+        summary = label.run(
+            cfg,
+            input_uri=args.input,
+            out_uri=args.out,
+            force=args.force,
+            keep_stages=args.keep_stages,
+            classifier_record=args.classifier,
+            affinity_record=args.affinity,
+            log=say,
+        )
+        for key in ("input", "labelled", "errors", "skipped"):
+            say(f"{key}: {summary[key]}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines import evaluate
 
-    evaluate.run(_config(args), args.labels, args.model_version)
+    cfg = _config(args)
+    with _console(cfg, "evaluate") as say:
+        evaluate.run(cfg, args.labels, args.model_version, log=say)
     return 0
 
 
@@ -109,22 +131,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config_file and args.config:
         raise ConfigError("give the configuration once: as CONFIG or as --config")
     args.config = args.config or args.config_file
-    outcome = run.run(_config(args))
-    print(", ".join(f"{stage}: {what}" for stage, what in outcome.items()))
+    cfg = _config(args)
+    with _console(cfg, "run") as say:
+        outcome = run.run(cfg, log=say)
+        say(", ".join(f"{stage}: {what}" for stage, what in outcome.items()))
     return 0
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
     from pipelines import relabel
 
-    record = relabel.run(
-        _config(args),
-        input_uri=args.input,
-        out_uri=args.out,
-        date=args.date,
-        listing=args.listing,
-    )
-    print(f"{record['new_or_changed']} new or changed image(s) -> {record['shards']}")
+    cfg = _config(args)
+    with _console(cfg, "relabel") as say:
+        record = relabel.run(
+            cfg,
+            input_uri=args.input,
+            out_uri=args.out,
+            date=args.date,
+            listing=args.listing,
+            log=say,
+        )
+        say(f"{record['new_or_changed']} new or changed image(s) -> {record['shards']}")
     return 0
 
 

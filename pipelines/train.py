@@ -17,8 +17,10 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +54,7 @@ from wsss.training import (
     Batch,
     OptimParams,
     StepLoss,
+    epoch_summary,
     fit,
     make_optimizer,
     make_scheduler,
@@ -83,6 +86,10 @@ def start_local_ray(num_cpus: int | None = None, **options: Any) -> None:
     cpus = num_cpus or os.cpu_count() or 1
     # Read by the raylet that ray.init starts, which inherits this process's environment.
     os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS_PER_CPU * cpus))
+    # Ray Train's preemption watcher polls for other nodes being preempted (spot instances);
+    # a local instance has one node, and the watcher's start logs an error-level line about
+    # its restartable actor (ray-project/ray#53727) in every training run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=num_cpus, **options)
 
 
@@ -178,6 +185,48 @@ class SkippedRows:
         return list(self._messages)
 
 
+@ray.remote(num_cpus=0)
+class EpochLines:
+    """A training run's progress: the first worker adds a line per epoch, the driver prints the
+    lines as they come (`follow_progress`); worker output itself goes to the log file."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self._lines.append(line)
+
+    def since(self, seen: int) -> list[str]:
+        return self._lines[seen:]
+
+
+@contextmanager
+def follow_progress(progress, log: Callable[[str], None], every_s: float = 2.0) -> Iterator[None]:
+    """While the block runs, pass the new lines of the `EpochLines` actor `progress` to `log`
+    (from a thread: the block waits in trainer.fit); the last ones once it ends."""
+    seen = 0
+    done = threading.Event()
+
+    def show_new() -> None:
+        nonlocal seen
+        for line in ray.get(progress.since.remote(seen)):
+            log(line)
+            seen += 1
+
+    def poll() -> None:
+        while not done.wait(every_s):
+            show_new()
+
+    thread = threading.Thread(target=poll, name="wsss-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        show_new()
+
+
 def ragged(arrays: list[np.ndarray]) -> np.ndarray:
     """A 1-D object array of `arrays` (a Ray Data column of differently shaped arrays)."""
     out = np.empty(len(arrays), dtype=object)
@@ -251,6 +300,7 @@ class TrainJob:
     step_loss: StepLoss
     n_rows: int  # manifest rows: sets the length of the learning-rate schedule
     skipped: Any  # the SkippedRows actor the dataset reports to
+    progress: Any  # the EpochLines actor the first worker reports each epoch to
 
     @property
     def batch_per_worker(self) -> int:
@@ -284,6 +334,7 @@ def new_job(
         step_loss=step_loss,
         n_rows=len(manifest),
         skipped=SkippedRows.remote(),
+        progress=EpochLines.remote(),
     )
 
 
@@ -323,7 +374,8 @@ def run_training(
         f"training the {job.stage} on {cfg.ray.train_workers} worker(s), checkpoints in "
         f"{storage.join(train_root, job.stage)}"
     )
-    result = trainer.fit()
+    with follow_progress(job.progress, log):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"the {job.stage} training finished without a checkpoint")
     root = "s3://" if storage.is_s3(train_root) else ""
@@ -414,6 +466,7 @@ def _train_worker(config: dict) -> None:
         )
         saved = None
         if rank0:
+            job.progress.add.remote(epoch_summary(job.stage, epoch, optim.epochs, metrics))
             folder = tempfile.mkdtemp(prefix=f"wsss-{job.stage}-")
             _write_checkpoint(Path(folder), job, model, optimizer, scheduler, epoch, metrics)
             saved = ray.train.Checkpoint.from_directory(folder)

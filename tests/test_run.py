@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 from conftest import tiny_networks, upload_dataset
@@ -37,7 +39,7 @@ def overrides(ray_cluster, s3_endpoint, tmp_path_factory) -> list[str]:
     return settings
 
 
-def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capsys):
+def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp_path):
     cfg = load_config(overrides=overrides)
     quiet = {"log": lambda _: None}
     first = run(cfg, **quiet)
@@ -53,11 +55,14 @@ def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capsys):
     assert marker["config_hash"] == cfg.hash()
 
     # Through the CLI, as `make demo` runs it: nothing left to do; the saved table is printed.
-    args = ["run"] + [a for o in overrides for a in ("--set", o)]
+    args = ["run", "--set", f"log_dir={tmp_path}"] + [a for o in overrides for a in ("--set", o)]
     assert main(args) == 0
-    out = capsys.readouterr().out
+    out = capfd.readouterr().out
     assert "train-classifier: skipped, train-affinity: skipped, label: skipped" in out
     assert "| crf |" in out
+    # Ray's own output went to the log file the first line names, not to the terminal.
+    log = Path(re.search(r"own output goes to (\S+)", out).group(1))
+    assert log.parent == tmp_path and log.name.startswith("run-") and log.exists()
 
     # A refinement setting changed: the shards are relabelled and evaluated again, the
     # networks are not retrained.

@@ -151,9 +151,13 @@ def test_run_started_again_resumes_after_its_last_checkpoint(cfg, overrides, cla
 
     # Started again with one more epoch, on one worker instead of two.
     longer = load_config(overrides=[*overrides, "classifier.optim.epochs=2", "ray.train_workers=1"])
-    resumed = train_classifier.run(longer, log=lambda _: None)
+    lines: list[str] = []
+    resumed = train_classifier.run(longer, log=lines.append)
 
     assert resumed.metrics["epoch"] == 1 and resumed.epochs == 2
+    # The driver printed the workers' epoch line as it came: epoch 2 only, the one trained.
+    epochs = [line for line in lines if " epoch " in line]
+    assert len(epochs) == 1 and epochs[0].startswith("  classifier epoch 2/2: loss ")
     assert resumed.metrics["workers"] == 1 and resumed.metrics["start_epoch"] == 1
     assert resumed.checkpoint_uri.endswith("/epoch_0001")
     # Epoch 0 was not trained again: its checkpoint is the one the first run wrote.

@@ -41,6 +41,14 @@ class OptimParams(Params):
     poly_power: float = Field(default=0.9, gt=0)
 
 
+def epoch_summary(what: str, epoch: int, epochs: int, metrics: dict[str, float]) -> str:
+    """The progress line of one finished epoch (0-based `epoch` of `epochs`)."""
+    return (
+        f"  {what} epoch {epoch + 1}/{epochs}: loss {metrics['loss']:.4f} "
+        f"({metrics['samples_per_s']:.1f} samples/s)"
+    )
+
+
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
