@@ -10,6 +10,13 @@ from pipelines.evaluate import format_table
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
 
+# The refinement test's images, and the margin (mIoU, 0-1) by which its final pseudo-labels
+# must beat the CAMs. Measured on the 2-core development VM: CAM 32.5 at its Otsu background,
+# 38.3 at the best constant, random walk 32.9, CRF 44.9, i.e. +12.4 and +6.6; the
+# training took 48 s of the run's 63 s. Half the smaller gain is asserted.
+N_REFINE = 60
+REFINE_MARGIN = 0.03
+
 
 @pytest.mark.slow
 def test_run_local_trains_labels_and_reports_every_stage(tmp_path):
@@ -55,3 +62,28 @@ def test_run_local_trains_labels_and_reports_every_stage(tmp_path):
     table = format_table(summary["classes"], summary["stages"])
     assert table.splitlines()[0].startswith("| stage | mIoU | background |")
     assert len(table.splitlines()) == 5
+
+
+@pytest.mark.slow
+def test_refinement_beats_the_cams_with_the_pretrained_backbone(tmp_path):
+    """The method's product: on a small synthetic set, with the embedded defaults (ImageNet
+    Lite0, Otsu backgrounds, walk, CRF) and training cut to well under two minutes on two
+    cores, the final pseudo-labels beat the CAMs at their label-free background and at the
+    best constant background of the sweep (which needs masks to pick)."""
+    manifest = synthetic.generate(tmp_path / "data", N_REFINE, seed=11)
+    overrides = [
+        f"dataset.manifest={manifest}",
+        f"output={tmp_path / 'runs'}",
+        "cam.scales=[1.0, 0.5]",
+        "affinity.model.feature_stride=8",
+        "classifier.optim.epochs=3",
+        "affinity.optim.epochs=2",
+    ]
+    summary = local_run.run(load_config(overrides=overrides), log=lambda line: None)
+    seconds = summary["seconds"]
+    assert seconds["train_classifier"] + seconds["train_affinity"] < 120
+    final = summary["stages"]["crf"]["miou"]
+    assert final >= summary["stages"]["cam"]["miou"] + REFINE_MARGIN
+    assert final >= summary["cam_best_miou"] + REFINE_MARGIN
+    # The synthetic classes are each in a minority of images: none is flagged.
+    assert not any(row["flagged"] for row in summary["class_report"])
