@@ -138,6 +138,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pipelines import calibrate
+
+    cfg = _config(args)
+    with _console(cfg, "calibrate") as say:
+        calibrate.run(cfg, args.classifier, args.affinity, log=say)
+    return 0
+
+
 def cmd_relabel(args: argparse.Namespace) -> int:
     from pipelines import relabel
 
@@ -193,6 +202,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "mIoU per stage and class of the shards against the manifest's ground truth, and the "
         "overlay gallery",
     ),
+    "calibrate": (
+        cmd_calibrate,
+        "pick the CAM background and the walk's settings on the manifest's masked images with "
+        "Ray Tune; writes them as a configuration for the next run",
+    ),
     "relabel": (
         cmd_relabel,
         "the nightly job: label only new or changed images into a dated shard set",
@@ -244,11 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-stages", action="store_true", help="also store the CAM and random-walk masks"
     )
     for stage in ("classifier", "affinity"):
-        labeling.add_argument(
-            f"--{stage}",
-            metavar="URI",
-            help=f"model record of the {stage} (default: the run's models/{stage}.json)",
-        )
+        for name in ("label", "calibrate"):
+            parsers[name].add_argument(
+                f"--{stage}",
+                metavar="URI",
+                help=f"model record of the {stage} (default: the run's models/{stage}.json)",
+            )
     evaluating = parsers["evaluate"]
     evaluating.add_argument(
         "--labels", metavar="URI", help="shards to evaluate (default: label.out, else the run)"

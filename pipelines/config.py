@@ -173,6 +173,20 @@ class EvaluateConfig(Section):
     class_report: ClassReportParams = ClassReportParams()
 
 
+class CalibrateConfig(Section):
+    images: int = Field(
+        50, ge=1, description="Masked images `wsss calibrate` scores on: the manifest's first."
+    )
+    trials: int = Field(
+        24, ge=1, description="Ray Tune trials (random search) over the walk's settings."
+    )
+    out: str | None = Field(
+        None,
+        description="Where the calibrated configuration (YAML) goes, its report beside it; "
+        "None = <run>/calibrated.yaml.",
+    )
+
+
 class RunConfig(Section):
     name: str = Field("demo", min_length=1, description="Run name: outputs go to output/name.")
     seed: int = Field(0, ge=0, description="Seed for training and sampling.")
@@ -198,6 +212,7 @@ class RunConfig(Section):
     ray: RayConfig = RayConfig()
     label: LabelConfig = LabelConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     @model_validator(mode="after")
     def _one_radius(self) -> RunConfig:

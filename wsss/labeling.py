@@ -64,7 +64,7 @@ def grid_scores(scores: torch.Tensor, stride: int) -> torch.Tensor:
 def walk(
     image: np.ndarray,
     labels: Sequence[int],
-    classifier: Classifier,
+    classifier: Classifier | None,
     affinity_net: AffinityNet,
     cam_params: CamParams,
     rw_params: random_walk.RandomWalkParams,
@@ -73,7 +73,8 @@ def walk(
 ) -> Walked:
     """CAMs, affinities and the random walk for one uint8 (H, W, 3) image with class indices
     `labels` (1..K). Runs on the models' device; returns CPU numpy arrays. `cams_fg` (K, H, W)
-    and `affinity` (P, h, w) skip computing them when the caller has them already."""
+    and `affinity` (P, h, w) skip computing them when the caller has them already (then
+    `classifier` may be None)."""
     labels = sorted(set(int(c) for c in labels))
     channels = (0, *labels)
     stride = affinity_net.stride
@@ -83,6 +84,8 @@ def walk(
             channels, np.zeros(image.shape[:2], np.uint8), np.ones((1, *grid), np.float32), stride
         )
     if cams_fg is None:
+        if classifier is None:
+            raise ValueError("walk needs the classifier or the CAMs (cams_fg)")
         cams_fg = compute_cams(classifier, image, labels, cam_params)
     fg = torch.from_numpy(cams_fg[[c - 1 for c in labels]])
     background = rw_params.background

@@ -1,0 +1,219 @@
+"""`wsss calibrate`: pick the refinement settings on a few pixel-labelled images with Ray Tune.
+
+Without masks the label-free defaults apply (Otsu backgrounds, the walk's beta 8 and 16 steps).
+A user with a few dozen masked images runs this after training: the run's networks compute the
+CAMs and affinities of the manifest's first `calibrate.images` masked images once
+(`wsss.calibration`), the CAM stage's background is chosen by a sweep, and Ray Tune searches the
+walk's beta, length and background (`calibrate.trials` random trials, each one walk + CRF over
+the images, scored by the final masks' mIoU). The chosen values are kept only where they beat
+the configured ones, and the whole configuration with them is written as YAML (default
+`<run>/calibrated.yaml`) for the next `wsss run` or `wsss label`, with a JSON report beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from ray import tune
+
+from pipelines import storage
+from pipelines.config import ConfigError, RunConfig
+from pipelines.inputs import load_manifest
+from pipelines.label import read_records
+from pipelines.model_record import load_affinity_net, load_classifier, record_uri
+from pipelines.train import connect
+from wsss.affinity import AffinityNet, predict_affinity
+from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou
+from wsss.cam import BackgroundParams, compute_cams
+from wsss.classifier import Classifier
+from wsss.imageio import decode_image, decode_mask
+from wsss.random_walk import RandomWalkParams
+
+REPORT_FILE = "calibration.json"
+# The walk's settings Ray Tune draws from: PSA's beta 8 and length 2^8 lie inside; "otsu" is
+# the label-free background, the numbers IRN-style constant backgrounds.
+SEARCH_SPACE = {
+    "beta": tune.choice([2, 4, 8, 12, 16]),
+    "logt": tune.randint(1, 9),
+    "background": tune.choice(["otsu", 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]),
+}
+
+
+def walk_params(base: RandomWalkParams, trial: dict[str, Any]) -> RandomWalkParams:
+    """`base` with a trial's beta, logt and background."""
+    choice = trial["background"]
+    background = (
+        base.background.model_copy(update={"method": "otsu"})
+        if choice == "otsu"
+        else base.background.model_copy(update={"method": "threshold", "threshold": choice})
+    )
+    return base.model_copy(
+        update={"beta": float(trial["beta"]), "logt": int(trial["logt"]), "background": background}
+    )
+
+
+def calibration_images(
+    cfg: RunConfig, classifier: Classifier, affinity_net: AffinityNet
+) -> tuple[list[CalibrationImage], int]:
+    """The CAMs and affinities of the manifest's first `calibrate.images` masked images, and
+    the number of classes (background included)."""
+    manifest = load_manifest(cfg)
+    rows = [row for row in manifest.rows if row.mask][: cfg.calibrate.images]
+    if not rows:
+        raise ConfigError(
+            f"dataset.manifest {cfg.dataset.manifest} has no row with a `mask`: calibration "
+            "needs a few pixel-labelled images"
+        )
+    images = []
+    for row in rows:
+        image = decode_image(storage.read_bytes(row.image, cfg.storage), cfg.dataset.max_pixels)
+        labels = tuple(manifest.label_indices(row))
+        images.append(
+            CalibrationImage(
+                image=image,
+                labels=labels,
+                mask=decode_mask(storage.read_bytes(row.mask, cfg.storage)),
+                cams_fg=compute_cams(classifier, image, labels, cfg.cam),
+                affinity=predict_affinity(affinity_net, image),
+            )
+        )
+    return images, len(manifest.classes)
+
+
+def _trial(config: dict, images, n_classes: int, affinity_net: AffinityNet, cfg: RunConfig):
+    walk = walk_params(cfg.random_walk, config)
+    tune.report(
+        refinement_miou(images, n_classes, affinity_net, cfg.cam, walk, cfg.crf, cfg.pseudo_label)
+    )
+
+
+def calibrate(
+    cfg: RunConfig,
+    classifier: Classifier,
+    affinity_net: AffinityNet,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Calibrate `cfg`'s CAM background and walk on its masked images with these networks;
+    writes the calibrated configuration and the report, and returns the report."""
+    connect(cfg)
+    images, n_classes = calibration_images(cfg, classifier, affinity_net)
+    log(f"calibrating on {len(images)} masked image(s): {cfg.calibrate.trials} Ray Tune trials")
+    cam_background, cam_best, cam_scores = best_cam_background(images, n_classes)
+    configured_cam = _cam_score(cfg.cam.background, cam_scores)
+    if configured_cam is not None and configured_cam >= cam_best:
+        cam_background, cam_best = cfg.cam.background, configured_cam
+    before = refinement_miou(
+        images, n_classes, affinity_net, cfg.cam, cfg.random_walk, cfg.crf, cfg.pseudo_label
+    )
+    with tempfile.TemporaryDirectory(prefix="wsss-calibrate-") as folder:
+        tuner = tune.Tuner(
+            tune.with_resources(
+                tune.with_parameters(
+                    _trial,
+                    images=images,
+                    n_classes=n_classes,
+                    affinity_net=affinity_net,
+                    cfg=cfg,
+                ),
+                {"cpu": 1},
+            ),
+            param_space=SEARCH_SPACE,
+            tune_config=tune.TuneConfig(
+                metric="final",
+                mode="max",
+                num_samples=cfg.calibrate.trials,
+                search_alg=tune.search.BasicVariantGenerator(random_state=cfg.seed),
+            ),
+            run_config=tune.RunConfig(name="calibrate", storage_path=folder),
+        )
+        results = tuner.fit()
+        trials = [
+            {**r.config, "random_walk": r.metrics["random_walk"], "final": r.metrics["final"]}
+            for r in results
+            if r.error is None
+        ]
+    if not trials:
+        raise RuntimeError("every calibration trial failed; see the log file")
+    best = max(trials, key=lambda t: t["final"])
+    walk = cfg.random_walk
+    if best["final"] > before["final"]:
+        walk = walk_params(cfg.random_walk, best)
+    calibrated = cfg.model_copy(
+        update={
+            "cam": cfg.cam.model_copy(update={"background": cam_background}),
+            "random_walk": walk,
+        }
+    )
+    out = cfg.calibrate.out or storage.join(cfg.run_uri, "calibrated.yaml")
+    storage.write_bytes(out, calibrated.to_yaml().encode(), cfg.storage)
+    after = max(best["final"], before["final"])
+    report = {
+        "images": len(images),
+        "config": out,
+        "cam": {
+            "configured": cfg.cam.background.model_dump(),
+            "configured_miou": configured_cam,
+            "chosen": cam_background.model_dump(),
+            "chosen_miou": cam_best,
+        },
+        "random_walk": {
+            "configured": cfg.random_walk.model_dump(),
+            "configured_miou": before,
+            "chosen": walk.model_dump(),
+            "chosen_final_miou": after,
+        },
+        "trials": sorted(trials, key=lambda t: -t["final"]),
+    }
+    report_uri = storage.join(storage.parent(out), REPORT_FILE)
+    storage.write_bytes(report_uri, json.dumps(report, indent=2).encode(), cfg.storage)
+    log(
+        f"CAM background: {_describe(cfg.cam.background)} -> {_describe(cam_background)} "
+        f"(CAM mIoU {_percent(configured_cam)} -> {_percent(cam_best)})"
+    )
+    log(
+        f"walk: beta {cfg.random_walk.beta:g}, logt {cfg.random_walk.logt}, background "
+        f"{_describe(cfg.random_walk.background)} -> beta {walk.beta:g}, logt {walk.logt}, "
+        f"background {_describe(walk.background)} (final mIoU {_percent(before['final'])} -> "
+        f"{_percent(after)})"
+    )
+    log(f"calibrated configuration: {out} (report {report_uri}); use it with --config")
+    return report
+
+
+def _cam_score(background: BackgroundParams, scores: dict[str, float]) -> float | None:
+    """The sweep's mIoU for the configured background, when the sweep holds it."""
+    if background.method == "otsu":
+        return scores["otsu"]
+    if background.method == "threshold":
+        return scores.get(str(round(background.threshold, 2)))
+    return None
+
+
+def _describe(background: BackgroundParams) -> str:
+    if background.method == "threshold":
+        return f"constant {background.threshold:g}"
+    return "power" if background.method == "power" else "otsu"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def run(
+    cfg: RunConfig,
+    classifier_record: str | None = None,
+    affinity_record: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Calibrate with the networks of the two model records (default: this run's)."""
+    uris = {
+        "classifier": classifier_record or record_uri(cfg, "classifier"),
+        "affinity": affinity_record or record_uri(cfg, "affinity"),
+    }
+    read_records(cfg, uris)  # a missing record is a ConfigError naming it
+    classifier = load_classifier(uris["classifier"], cfg)
+    affinity_net = load_affinity_net(uris["affinity"], cfg)
+    return calibrate(cfg, classifier, affinity_net, log)

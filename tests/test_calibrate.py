@@ -1,0 +1,82 @@
+"""`wsss calibrate`: Ray Tune over the walk's settings on a few masked images."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_networks
+
+from pipelines import calibrate
+from pipelines.cli import main
+from pipelines.config import load_config
+from wsss import synthetic
+from wsss.affinity import AffinityNet
+from wsss.calibration import refinement_miou
+from wsss.classifier import Classifier
+from wsss.random_walk import RandomWalkParams
+from wsss.synthetic import SyntheticParams
+
+
+def test_walk_params_take_a_trials_settings():
+    base = RandomWalkParams()
+    otsu = calibrate.walk_params(base, {"beta": 4, "logt": 2, "background": "otsu"})
+    assert (otsu.beta, otsu.logt, otsu.background.method) == (4.0, 2, "otsu")
+    constant = calibrate.walk_params(base, {"beta": 16, "logt": 8, "background": 0.3})
+    assert constant.background.method == "threshold" and constant.background.threshold == 0.3
+    assert constant.background.alpha == base.background.alpha  # the rest is kept
+
+
+@pytest.mark.slow
+def test_calibration_writes_settings_that_score_what_it_reports(ray_cluster, tmp_path):
+    params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
+    manifest = synthetic.generate(tmp_path / "data", 6, seed=4, params=params)
+    cfg = load_config(
+        overrides=[
+            f"dataset.manifest={manifest}",
+            f"output={tmp_path / 'runs'}",
+            *tiny_networks(),
+            "cam.scales=[1.0]",
+            "crf.iterations=2",
+            "calibrate.images=4",
+            "calibrate.trials=3",
+        ]
+    )
+    torch.manual_seed(0)  # untrained networks: calibration must work on whatever they give
+    classifier = Classifier(3, cfg.classifier.model).eval()
+    affinity_net = AffinityNet(cfg.affinity.model).eval()
+    lines: list[str] = []
+    report = calibrate.calibrate(cfg, classifier, affinity_net, log=lines.append)
+
+    assert report["images"] == 4 and len(report["trials"]) == 3
+    walk = report["random_walk"]
+    assert walk["chosen_final_miou"] >= walk["configured_miou"]["final"]
+    assert walk["chosen_final_miou"] == max(
+        walk["configured_miou"]["final"], *(t["final"] for t in report["trials"])
+    )
+    assert report["cam"]["chosen_miou"] >= report["cam"]["configured_miou"]
+    # The written configuration holds the chosen settings and, rerun on the same images, scores
+    # the reported mIoU.
+    calibrated = load_config(report["config"])
+    assert calibrated.random_walk.model_dump() == walk["chosen"]
+    assert calibrated.cam.background.model_dump() == report["cam"]["chosen"]
+    images, n_classes = calibrate.calibration_images(calibrated, classifier, affinity_net)
+    again = refinement_miou(
+        images,
+        n_classes,
+        affinity_net,
+        calibrated.cam,
+        calibrated.random_walk,
+        calibrated.crf,
+        calibrated.pseudo_label,
+    )
+    assert again["final"] == pytest.approx(walk["chosen_final_miou"], abs=1e-6)
+    saved = json.loads((tmp_path / "runs" / "demo" / calibrate.REPORT_FILE).read_text())
+    assert saved["trials"] == report["trials"]
+    assert any(line.startswith("walk: beta ") for line in lines)
+
+
+def test_cli_without_model_records_names_them_and_exits_2(tmp_path, capsys):
+    code = main(["calibrate", "--set", f"output={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "classifier model record" in err and "--classifier" in err
