@@ -23,18 +23,13 @@ from pipelines.evaluate import CLASS_REPORT_TITLE, format_table, round_metric, s
 from pipelines.inputs import load_manifest, resolve_weights
 from wsss import labeling
 from wsss.affinity import affinity_label_map, train_affinity_net
-from wsss.cam import BackgroundParams, compute_cams
+from wsss.cam import CONSTANT_BACKGROUNDS, compute_cams
 from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
 from wsss.classifier import image_scores, train_classifier
 from wsss.dataset import Manifest
 from wsss.imageio import decode_image, decode_mask
 from wsss.metrics import ConfusionMatrix, mean_average_precision
 from wsss.training import EpochEnd, default_device, epoch_summary
-
-# CAM-stage background thresholds swept for the CAM mIoU (IRN reports the best of such a sweep);
-# the whole range: with a pretrained backbone the best value sat at 0.7 (docs/benchmarks.md).
-BG_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
-CONSTANT = {t: BackgroundParams(method="threshold", threshold=t) for t in BG_THRESHOLDS}
 
 
 @dataclass
@@ -98,14 +93,14 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     t = lap("train_classifier", t)
 
     n_all = n_classes + 1
-    sweep = {thr: ConfusionMatrix(n_all) for thr in BG_THRESHOLDS}
+    sweep = {thr: ConfusionMatrix(n_all) for thr in CONSTANT_BACKGROUNDS}
     cams, affinity_samples = [], []
     for e in examples:
         cams_fg = compute_cams(classifier, e.image, e.labels, cfg.cam)
         cams.append(cams_fg)
         if e.mask is not None:
             for thr, matrix in sweep.items():
-                matrix.update(labeling.cam_mask(cams_fg, CONSTANT[thr]), e.mask)
+                matrix.update(labeling.cam_mask(cams_fg, CONSTANT_BACKGROUNDS[thr]), e.mask)
         label_map = affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image)
         affinity_samples.append((e.image, label_map))
     t = lap("cam", t)

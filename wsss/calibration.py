@@ -18,14 +18,11 @@ import torch
 
 from wsss import labeling
 from wsss.affinity import AffinityNet
-from wsss.cam import BackgroundParams, CamParams
+from wsss.cam import CONSTANT_BACKGROUNDS, BackgroundParams, CamParams
 from wsss.crf import CrfParams
 from wsss.metrics import ConfusionMatrix
 from wsss.pseudo_label import PseudoLabelParams
 from wsss.random_walk import RandomWalkParams
-
-# Constant CAM backgrounds compared with Otsu's per-image threshold.
-CAM_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 1.0, 0.05))
 
 
 @dataclass(frozen=True)
@@ -41,11 +38,10 @@ def best_cam_background(
     images: Sequence[CalibrationImage], n_classes: int
 ) -> tuple[BackgroundParams, float, dict[str, float]]:
     """The CAM-stage background with the highest mIoU of the CAM masks over `images`: Otsu's
-    or one of `CAM_THRESHOLDS`. Returns it, its mIoU and every candidate's mIoU by name."""
+    or one of `wsss.cam.CONSTANT_BACKGROUNDS`. Returns it, its mIoU and every candidate's mIoU
+    by name."""
     candidates = {"otsu": BackgroundParams(method="otsu")}
-    candidates.update(
-        {str(t): BackgroundParams(method="threshold", threshold=t) for t in CAM_THRESHOLDS}
-    )
+    candidates.update({str(t): background for t, background in CONSTANT_BACKGROUNDS.items()})
     scores = {}
     for name, background in candidates.items():
         matrix = ConfusionMatrix(n_classes)

@@ -35,6 +35,14 @@ class BackgroundParams(Params):
     alpha: float = Field(default=16.0, gt=0)
 
 
+# The constant backgrounds a sweep compares (IRN reports the best of such a sweep), over the
+# whole useful range: with a pretrained backbone the best sat at 0.7-0.8 (docs/benchmarks.md).
+CONSTANT_BACKGROUNDS = {
+    t: BackgroundParams(method="threshold", threshold=t)
+    for t in (round(float(x), 2) for x in np.arange(0.05, 1.0, 0.05))
+}
+
+
 class CamParams(Params):
     """Multi-scale inference and the background score used to turn CAMs into a segmentation."""
 
