@@ -24,7 +24,7 @@ from common import machine_info, write_results
 
 from pipelines import calibrate
 from pipelines.config import load_config
-from pipelines.model_record import load_affinity_net, load_classifier, record_uri
+from pipelines.model_record import load_network, record_uris
 from wsss import labeling
 from wsss.calibration import refinement_miou
 from wsss.metrics import ConfusionMatrix
@@ -38,10 +38,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
-    classifier = load_classifier(record_uri(cfg, "classifier"), cfg)
-    affinity_net = load_affinity_net(record_uri(cfg, "affinity"), cfg)
+    networks = {name: load_network(uri, cfg, name) for name, uri in record_uris(cfg).items()}
     started = time.perf_counter()
-    report = calibrate.calibrate(cfg, classifier, affinity_net)
+    report = calibrate.calibrate(cfg, networks)
     seconds = time.perf_counter() - started
     calibrated = load_config(report["config"])
 
@@ -53,22 +52,14 @@ def main() -> None:
             )
         }
     )
-    images, n_classes = calibrate.calibration_images(held_out_cfg, classifier, affinity_net)
+    images, n_classes = calibrate.calibration_images(held_out_cfg, networks)
     images = images[cfg.calibrate.images :]
     scores = {}
     for name, settings in (("configured", cfg), ("calibrated", calibrated)):
         cam = ConfusionMatrix(n_classes)
         for item in images:
             cam.update(labeling.cam_mask(item.cams_fg, settings.cam.background), item.mask)
-        refined = refinement_miou(
-            images,
-            n_classes,
-            affinity_net,
-            settings.cam,
-            settings.random_walk,
-            settings.crf,
-            settings.pseudo_label,
-        )
+        refined = refinement_miou(images, n_classes, settings.labeler(networks))
         scores[name] = {"cam": float(np.nan_to_num(cam.miou())), **refined}
         print(
             f"{name}: CAM {100 * scores[name]['cam']:.1f}, random walk "

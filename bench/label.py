@@ -3,8 +3,8 @@ against the ideal of the same per-image stages run in one process per core.
 
 Both label the same small synthetic images with the same untrained networks (ResNet-18, seeded;
 their model records are written here in the format a training writes, so no training is needed):
-fetch + decode, `wsss.labeling.walk` (CAM + random walk), `wsss.labeling.finish` (dense CRF,
-final mask) and PNG encoding. The ideal is a multiprocessing pool of one process per core (one
+fetch + decode, `Labeler.seed` (CAM + random walk), `Labeler.finish` (dense CRF, final mask)
+and PNG encoding. The ideal is a multiprocessing pool of one process per core (one
 torch thread each) that starts, loads the networks and labels; it writes nothing. The Ray
 pipeline runs on a local Ray started with two logical CPUs per core and one model actor per core,
 which without GPUs also decodes and runs the CRF (`label.crf_pool`); the CPU tasks (manifest,
@@ -40,12 +40,11 @@ from common import machine_info, write_results
 from pipelines import label, storage
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
-    load_affinity_net,
-    load_classifier,
+    load_network,
     record_uri,
     save_model,
 )
-from wsss import labeling, synthetic
+from wsss import synthetic
 from wsss.affinity import AffinityNet
 from wsss.classifier import Classifier
 from wsss.imageio import decode_image, encode_mask
@@ -121,10 +120,10 @@ _worker: dict = {}
 
 def _load_networks(cfg: RunConfig, uris: dict[str, str], classes: list[str]) -> None:
     torch.set_num_threads(1)
+    networks = {name: load_network(uri, cfg, name) for name, uri in uris.items()}
     _worker.update(
         cfg=cfg,
-        classifier=load_classifier(uris["classifier"], cfg),
-        affinity_net=load_affinity_net(uris["affinity"], cfg),
+        labeler=cfg.labeler(networks),
         index={name: i for i, name in enumerate(classes)},
     )
 
@@ -134,10 +133,7 @@ def _label_one(item: tuple[str, list[str]]) -> int:
     uri, names = item
     image = decode_image(storage.read_bytes(uri, cfg.storage), cfg.dataset.max_pixels)
     labels = [_worker["index"][name] for name in names]
-    walked = labeling.walk(
-        image, labels, _worker["classifier"], _worker["affinity_net"], cfg.cam, cfg.random_walk
-    )
-    return len(encode_mask(labeling.finish(image, walked, cfg.crf, cfg.pseudo_label).mask))
+    return len(encode_mask(_worker["labeler"].label(image, labels).mask))
 
 
 def _ready(_: int) -> int:

@@ -30,6 +30,7 @@ from wsss.affinity import affinity_label_map, reduce_label_map, train_affinity_n
 from wsss.cam import BackgroundParams
 from wsss.metrics import ConfusionMatrix
 from wsss.neighbourhood import offsets, shifted
+from wsss.networks import initial_network
 from wsss.synthetic import Sample, render_sample
 
 
@@ -64,6 +65,7 @@ def run(n: int, seed: int, cfg: RunConfig) -> dict:
         for c, s in zip(cams, samples, strict=True)
     ]
     net = train_affinity_net(
+        initial_network("affinity", cfg.affinity.model, k, seed=seed),
         [(s.image, m) for s, m in zip(samples, label_maps, strict=True)],
         cfg.affinity.model,
         cfg.affinity.augment,
@@ -75,18 +77,16 @@ def run(n: int, seed: int, cfg: RunConfig) -> dict:
     names = ("cam", "random_walk", "crf", "random_walk_oracle_affinity", "crf_oracle_affinity")
     stages = {name: ConfusionMatrix(k + 1) for name in names}
     best_cam = {t: ConfusionMatrix(k + 1) for t in np.arange(0.05, 0.55, 0.05).round(2)}
+    # The CAMs are given: the method needs no classifier; the walk and the CRF as configured.
+    labeler = cfg.model_copy(update={"refiners": ("random_walk", "crf")}).labeler({"affinity": net})
     for s, c in zip(samples, cams, strict=True):
-        walked = labeling.walk(s.image, s.labels, None, net, cfg.cam, cfg.random_walk, cams_fg=c)
-        out = labeling.finish(s.image, walked, cfg.crf, cfg.pseudo_label)
-        stages["cam"].update(out.cam_mask, s.mask)
-        stages["random_walk"].update(out.rw_mask, s.mask)
+        out = labeler.label(s.image, s.labels, cams_fg=c)
+        stages["cam"].update(out.masks["cam"], s.mask)
+        stages["random_walk"].update(out.masks["random_walk"], s.mask)
         stages["crf"].update(out.mask, s.mask)
-        oracle = oracle_affinity(s.mask, net.stride, net.params.radius)
-        walked = labeling.walk(
-            s.image, s.labels, None, net, cfg.cam, cfg.random_walk, cams_fg=c, affinity=oracle
-        )
-        out = labeling.finish(s.image, walked, cfg.crf, cfg.pseudo_label)
-        stages["random_walk_oracle_affinity"].update(out.rw_mask, s.mask)
+        oracle = {"random_walk": oracle_affinity(s.mask, net.stride, net.params.radius)}
+        out = labeler.finish(s.image, labeler.seed(s.image, s.labels, c, oracle), oracle)
+        stages["random_walk_oracle_affinity"].update(out.masks["random_walk"], s.mask)
         stages["crf_oracle_affinity"].update(out.mask, s.mask)
         for t, matrix in best_cam.items():
             matrix.update(labeling.cam_mask(c, BackgroundParams(threshold=float(t))), s.mask)

@@ -31,6 +31,7 @@ from pipelines.config import RunConfig, load_config
 from pipelines.inputs import load_manifest
 from pipelines.local_run import load_examples
 from wsss import classifier, synthetic
+from wsss.networks import initial_network
 from wsss.synthetic import SyntheticParams
 
 
@@ -67,9 +68,8 @@ def in_process(cfg: RunConfig, threads: int) -> dict:
     per_epoch = []
     started = time.perf_counter()
     classifier.train_classifier(
+        initial_network("classifier", cfg.classifier.model, manifest.num_foreground, seed=cfg.seed),
         samples,
-        manifest.num_foreground,
-        cfg.classifier.model,
         cfg.classifier.augment,
         cfg.classifier.optim,
         cfg.seed,

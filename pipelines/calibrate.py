@@ -18,17 +18,16 @@ from collections.abc import Callable
 from typing import Any
 
 from ray import tune
+from torch import nn
 
 from pipelines import storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.label import read_records
-from pipelines.model_record import load_affinity_net, load_classifier, record_uri
+from pipelines.model_record import load_network, record_uris
 from pipelines.train import connect
-from wsss.affinity import AffinityNet, predict_affinity
 from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou
 from wsss.cam import BackgroundParams, compute_cams
-from wsss.classifier import Classifier
 from wsss.imageio import decode_image, decode_mask
 from wsss.random_walk import RandomWalkParams
 
@@ -56,10 +55,11 @@ def walk_params(base: RandomWalkParams, trial: dict[str, Any]) -> RandomWalkPara
 
 
 def calibration_images(
-    cfg: RunConfig, classifier: Classifier, affinity_net: AffinityNet
+    cfg: RunConfig, networks: dict[str, nn.Module]
 ) -> tuple[list[CalibrationImage], int]:
-    """The CAMs and affinities of the manifest's first `calibrate.images` masked images, and
-    the number of classes (background included)."""
+    """The CAMs and the refiners' prepared inputs (the affinities) of the manifest's first
+    `calibrate.images` masked images, and the number of classes (background included)."""
+    labeler = cfg.labeler(networks)
     manifest = load_manifest(cfg)
     rows = [row for row in manifest.rows if row.mask][: cfg.calibrate.images]
     if not rows:
@@ -76,38 +76,33 @@ def calibration_images(
                 image=image,
                 labels=labels,
                 mask=decode_mask(storage.read_bytes(row.mask, cfg.storage)),
-                cams_fg=compute_cams(classifier, image, labels, cfg.cam),
-                affinity=predict_affinity(affinity_net, image),
+                cams_fg=compute_cams(labeler.classifier, image, labels, cfg.cam),
+                prepared=labeler.prepare(image),
             )
         )
     return images, len(manifest.classes)
 
 
-def _trial(config: dict, images, n_classes: int, affinity_net: AffinityNet, cfg: RunConfig):
-    walk = walk_params(cfg.random_walk, config)
-    tune.report(
-        refinement_miou(images, n_classes, affinity_net, cfg.cam, walk, cfg.crf, cfg.pseudo_label)
-    )
+def _trial(config: dict, images, n_classes: int, networks: dict[str, nn.Module], cfg: RunConfig):
+    trial_cfg = cfg.model_copy(update={"random_walk": walk_params(cfg.random_walk, config)})
+    tune.report(refinement_miou(images, n_classes, trial_cfg.labeler(networks)))
 
 
 def calibrate(
-    cfg: RunConfig,
-    classifier: Classifier,
-    affinity_net: AffinityNet,
-    log: Callable[[str], None] = print,
+    cfg: RunConfig, networks: dict[str, nn.Module], log: Callable[[str], None] = print
 ) -> dict:
-    """Calibrate `cfg`'s CAM background and walk on its masked images with these networks;
-    writes the calibrated configuration and the report, and returns the report."""
+    """Calibrate `cfg`'s CAM background and walk on its masked images with these networks (by
+    name, as `RunConfig.networks`); writes the calibrated configuration and the report, and
+    returns the report."""
+    _check_walk(cfg)
     connect(cfg)
-    images, n_classes = calibration_images(cfg, classifier, affinity_net)
+    images, n_classes = calibration_images(cfg, networks)
     log(f"calibrating on {len(images)} masked image(s): {cfg.calibrate.trials} Ray Tune trials")
     cam_background, cam_best, cam_scores = best_cam_background(images, n_classes)
     configured_cam = _cam_score(cfg.cam.background, cam_scores)
     if configured_cam is not None and configured_cam >= cam_best:
         cam_background, cam_best = cfg.cam.background, configured_cam
-    before = refinement_miou(
-        images, n_classes, affinity_net, cfg.cam, cfg.random_walk, cfg.crf, cfg.pseudo_label
-    )
+    before = refinement_miou(images, n_classes, cfg.labeler(networks))
     with tempfile.TemporaryDirectory(prefix="wsss-calibrate-") as folder:
         tuner = tune.Tuner(
             tune.with_resources(
@@ -115,7 +110,7 @@ def calibrate(
                     _trial,
                     images=images,
                     n_classes=n_classes,
-                    affinity_net=affinity_net,
+                    networks=networks,
                     cfg=cfg,
                 ),
                 {"cpu": 1},
@@ -131,7 +126,7 @@ def calibrate(
         )
         results = tuner.fit()
         trials = [
-            {**r.config, "random_walk": r.metrics["random_walk"], "final": r.metrics["final"]}
+            {**r.config, **{stage: r.metrics[stage] for stage in (*cfg.refiners, "final")}}
             for r in results
             if r.error is None
         ]
@@ -183,6 +178,14 @@ def calibrate(
     return report
 
 
+def _check_walk(cfg: RunConfig) -> None:
+    if "random_walk" not in cfg.refiners:
+        raise ConfigError(
+            f"refiners: calibration searches the random walk's settings, and {list(cfg.refiners)} "
+            "has no random_walk"
+        )
+
+
 def _cam_score(background: BackgroundParams, scores: dict[str, float]) -> float | None:
     """The sweep's mIoU for the configured background, when the sweep holds it."""
     if background.method == "otsu":
@@ -204,16 +207,13 @@ def _percent(value: float | None) -> str:
 
 def run(
     cfg: RunConfig,
-    classifier_record: str | None = None,
-    affinity_record: str | None = None,
+    records: dict[str, str | None] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Calibrate with the networks of the two model records (default: this run's)."""
-    uris = {
-        "classifier": classifier_record or record_uri(cfg, "classifier"),
-        "affinity": affinity_record or record_uri(cfg, "affinity"),
-    }
+    """Calibrate with the networks of the model records `records` (by network name; default:
+    this run's)."""
+    _check_walk(cfg)
+    uris = record_uris(cfg, records)
     read_records(cfg, uris)  # a missing record is a ConfigError naming it
-    classifier = load_classifier(uris["classifier"], cfg)
-    affinity_net = load_affinity_net(uris["affinity"], cfg)
-    return calibrate(cfg, classifier, affinity_net, log)
+    networks = {name: load_network(uri, cfg, name) for name, uri in uris.items()}
+    return calibrate(cfg, networks, log)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError, RunConfig, load_config
 from wsss.dataset import ManifestError
+from wsss.networks import NETWORKS
 
 if TYPE_CHECKING:
     from pipelines.model_record import ModelRecord
@@ -107,8 +108,7 @@ def cmd_label(args: argparse.Namespace) -> int:
             out_uri=args.out,
             force=args.force,
             keep_stages=args.keep_stages,
-            classifier_record=args.classifier,
-            affinity_record=args.affinity,
+            records=_records(args),
             log=say,
         )
         for key in ("input", "labelled", "errors", "skipped"):
@@ -138,12 +138,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _records(args: argparse.Namespace) -> dict[str, str | None]:
+    """The model records given on the command line, by network name."""
+    return {name: getattr(args, name) for name in NETWORKS}
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from pipelines import calibrate
 
     cfg = _config(args)
     with _console(cfg, "calibrate") as say:
-        calibrate.run(cfg, args.classifier, args.affinity, log=say)
+        calibrate.run(cfg, _records(args), log=say)
     return 0
 
 
@@ -255,9 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="relabel images this model version labelled before"
     )
     labeling.add_argument(
-        "--keep-stages", action="store_true", help="also store the CAM and random-walk masks"
+        "--keep-stages",
+        action="store_true",
+        help="also store each stage's mask before the last (mask_cam, mask_rw, ...)",
     )
-    for stage in ("classifier", "affinity"):
+    for stage in NETWORKS:
         for name in ("label", "calibrate"):
             parsers[name].add_argument(
                 f"--{stage}",

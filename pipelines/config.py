@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from torch import nn
 
 from pipelines.storage import StorageConfig
 from wsss.affinity import AffinityLabelParams, AffinityNetParams
@@ -26,9 +35,10 @@ from wsss.backbone import BackboneParams
 from wsss.cam import CamParams
 from wsss.class_report import ClassReportParams
 from wsss.classifier import ClassifierParams
-from wsss.crf import CrfParams
+from wsss.labeling import CAM_STAGE, Labeler
+from wsss.params import Params
 from wsss.pseudo_label import PseudoLabelParams
-from wsss.random_walk import RandomWalkParams
+from wsss.refiners import REFINERS, build_refiners, networks_needed
 from wsss.synthetic import SyntheticParams
 from wsss.training import OptimParams
 from wsss.transforms import AugmentParams
@@ -129,7 +139,9 @@ class LabelConfig(Section):
         "summaries to; None = the run folder (output/name).",
     )
     keep_stages: bool = Field(
-        False, description="Also store the CAM and random-walk masks (mask_cam, mask_rw)."
+        False,
+        description="Also store the mask of each stage before the last (mask_cam, mask_rw, "
+        "...: docs/output.md).",
     )
     batch_size: int = Field(
         8, ge=1, description="Images per call of a model actor (CAM + random walk)."
@@ -187,7 +199,9 @@ class CalibrateConfig(Section):
     )
 
 
-class RunConfig(Section):
+class RunSettings(Section):
+    """Every section but the refiners' (`RunConfig` adds one per registered refiner)."""
+
     name: str = Field("demo", min_length=1, description="Run name: outputs go to output/name.")
     seed: int = Field(0, ge=0, description="Seed for training and sampling.")
     output: str = Field("runs", description="Root folder or s3:// URI for a run's outputs.")
@@ -205,8 +219,12 @@ class RunConfig(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     cam: CamParams = CamParams()
     affinity: AffinityConfig = AffinityConfig()
-    random_walk: RandomWalkParams = RandomWalkParams()
-    crf: CrfParams = CrfParams()
+    refiners: tuple[str, ...] = Field(
+        ("random_walk", "crf"),
+        description="The stages after the CAMs, in order; each is a registered refiner "
+        f"({', '.join(sorted(REFINERS))}) configured by the section of its name. Each stage "
+        "gets its mask, its row in the evaluation and its shard column (label.keep_stages).",
+    )
     pseudo_label: PseudoLabelParams = PseudoLabelParams()
     storage: StorageConfig = StorageConfig()
     ray: RayConfig = RayConfig()
@@ -214,8 +232,18 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
 
+    @field_validator("refiners")
+    @classmethod
+    def _known_refiners(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [n for n in names if n not in REFINERS]
+        if unknown:
+            raise ValueError(f"unknown refiner(s) {unknown}; registered: {sorted(REFINERS)}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"a refiner may run once, got {list(names)}")
+        return names
+
     @model_validator(mode="after")
-    def _one_radius(self) -> RunConfig:
+    def _one_radius(self) -> RunSettings:
         # Labels and network must agree on which pairs exist; one value, checked once.
         if self.affinity.labels.radius != self.affinity.model.radius:
             raise ValueError(
@@ -237,6 +265,43 @@ class RunConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The method's stages in order: the CAMs, then the configured refiners."""
+        return (CAM_STAGE, *self.refiners)
+
+    @property
+    def networks(self) -> tuple[str, ...]:
+        """The trained networks labeling needs: the classifier and those of the refiners."""
+        return ("classifier", *networks_needed(self.refiners))
+
+    def refiner_params(self) -> list[tuple[str, Params]]:
+        """(name, params) of each configured refiner, in order."""
+        return [(name, getattr(self, name)) for name in self.refiners]
+
+    def labeler(self, networks: dict[str, nn.Module]) -> Labeler:
+        """The configured method with these trained networks (by name: "classifier", and those
+        of `networks`; a part of a job may pass only those its part needs)."""
+        refiners = build_refiners(self.refiner_params(), networks)
+        return Labeler(networks.get("classifier"), self.cam, refiners, self.pseudo_label)
+
+
+# One section per registered refiner, named by it, so a new refiner's settings appear here
+# (and in `wsss config --schema` and docs/config.md) without an edit to this file.
+RunConfig = create_model(
+    "RunConfig",
+    __base__=RunSettings,
+    __module__=__name__,
+    __doc__="The configuration of a run: `RunSettings` and a section per registered refiner.",
+    **{
+        name: (
+            refiner.params_type,
+            Field(refiner.params_type(), description=f"The {name} refiner's settings."),
+        )
+        for name, refiner in REFINERS.items()
+    },
+)
 
 
 def _format_errors(error: ValidationError) -> str:

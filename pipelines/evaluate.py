@@ -1,10 +1,11 @@
 """`wsss evaluate`: mIoU of the pseudo-label shards against the manifest's ground-truth masks.
 
-The shards are streamed through Ray Data: each task decodes its rows' masks (final, and the CAM
-and random-walk masks when the labeling run kept them), fetches the ground truth and returns one
-confusion matrix per stage (`wsss.metrics.ConfusionMatrix`); the driver only merges those small
-matrices. Ground truth is a human annotation and exists for an evaluation subset, so the
-image_id -> mask URI map of the manifest's annotated rows is what the tasks receive.
+The shards are streamed through Ray Data: each task decodes its rows' masks (the final one, and
+each earlier stage's of the configured method when the labeling run kept them), fetches the
+ground truth and returns one confusion matrix per stage (`wsss.metrics.ConfusionMatrix`); the
+driver only merges those small matrices. Ground truth is a human annotation and exists for an
+evaluation subset, so the image_id -> mask URI map of the manifest's annotated rows is what the
+tasks receive.
 
 Prints a table of mIoU and per-class IoU per stage and writes the same as JSON (default
 `<out>/evaluation.json`). Pixels whose ground truth is 255 are not counted; when no pixel is left
@@ -28,8 +29,6 @@ from wsss.imageio import decode_mask
 from wsss.metrics import ConfusionMatrix
 
 RESULT_FILE = "evaluation.json"
-# Stage name -> shard column holding its mask. The final mask is the CRF's, thresholded.
-STAGE_COLUMNS = {"cam": "mask_cam", "random_walk": "mask_rw", "crf": "mask"}
 
 
 CLASS_REPORT_TITLE = (
@@ -47,23 +46,25 @@ def score_batch(
     batch: dict[str, np.ndarray],
     ground_truth: dict[str, str],
     classes: list[str],
+    stage_columns: dict[str, str],
     config: StorageConfig,
 ) -> dict[str, np.ndarray]:
-    """Ray Data step: shard rows -> one row per stage with the batch's confusion counts over
-    the rows that have ground truth, how many those were, and the class areas of every row
-    (`wsss.class_report.ClassAreas`, which needs no ground truth)."""
+    """Ray Data step: shard rows -> one row per stage (`stage_columns`: stage -> the column of
+    its mask) with the batch's confusion counts over the rows that have ground truth, how many
+    those were, and the class areas of every row (`wsss.class_report.ClassAreas`, which needs no
+    ground truth)."""
     n_classes = len(classes)
     index = {name: i for i, name in enumerate(classes)}
-    matrices = {stage: ConfusionMatrix(n_classes) for stage in STAGE_COLUMNS}
-    areas = {stage: ClassAreas(n_classes) for stage in STAGE_COLUMNS}
-    present = {stage: False for stage in STAGE_COLUMNS}
+    matrices = {stage: ConfusionMatrix(n_classes) for stage in stage_columns}
+    areas = {stage: ClassAreas(n_classes) for stage in stage_columns}
+    present = {stage: False for stage in stage_columns}
     evaluated = 0
     for i, image_id in enumerate(batch["image_id"]):
         truth_uri = ground_truth.get(str(image_id))
         truth = decode_mask(storage.read_bytes(truth_uri, config)) if truth_uri else None
         evaluated += truth is not None
         labels = [index[name] for name in batch["labels"][i]]
-        for stage, column in STAGE_COLUMNS.items():
+        for stage, column in stage_columns.items():
             png = batch[column][i] if column in batch else None
             if png is None:
                 continue
@@ -78,7 +79,7 @@ def score_batch(
                     f"{truth.shape}"
                 )
             matrices[stage].update(pred, truth)
-    stages = [stage for stage in STAGE_COLUMNS if present[stage]]
+    stages = [stage for stage in stage_columns if present[stage]]
     return {
         "stage": np.array(stages, dtype=object),
         "counts": np.array([matrices[s].counts.ravel() for s in stages]).reshape(len(stages), -1),
@@ -119,18 +120,21 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
         )
     n_classes = len(manifest.classes)
     model_version = shards.resolve_model_version(out_uri, cfg.storage, model_version)
+    stage_columns = shards.stage_columns(cfg.stages)
     rows = shards.read_shard_rows(
         out_uri,
         cfg.storage,
         shards.LABELS,
         model_version,
-        ["image_id", "labels", *STAGE_COLUMNS.values()],
+        ["image_id", "labels", shards.FINAL_COLUMN],
+        optional_columns=list(stage_columns.values()),
     )
     scored = rows.map_batches(
         score_batch,
         fn_kwargs={
             "ground_truth": ground_truth,
             "classes": manifest.classes,
+            "stage_columns": stage_columns,
             "config": cfg.storage,
         },
         batch_size=cfg.ray.rows_per_block,
@@ -156,7 +160,7 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
         "ground_truth_images": len(ground_truth),
         "stages": {
             stage: stage_result(matrices[stage], images[stage])
-            for stage in STAGE_COLUMNS
+            for stage in stage_columns
             if stage in matrices
         },
         "class_report": class_report(
@@ -164,7 +168,7 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
             presence_rates((manifest.label_indices(row) for row in manifest.rows), n_classes),
             areas,
             cfg.evaluate.class_report,
-            final="crf",
+            final=cfg.stages[-1],
         ),
     }
 

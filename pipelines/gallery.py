@@ -18,6 +18,7 @@ from pipelines import shards, storage
 from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest
 from wsss.imageio import decode_image, decode_mask
+from wsss.labeling import CAM_STAGE
 from wsss.metrics import ConfusionMatrix
 from wsss.visualize import PALETTE, contact_sheet, overlay
 
@@ -37,7 +38,8 @@ def _row_pictures(row: dict, truth_uri: str | None, n_classes: int, cfg: RunConf
     ground truth is known."""
     image = decode_image(storage.read_bytes(row["image"], cfg.storage))
     truth = decode_mask(storage.read_bytes(truth_uri, cfg.storage)) if truth_uri else None
-    cam = decode_mask(row["mask_cam"]) if row.get("mask_cam") is not None else None
+    cam_column = shards.stage_columns(cfg.stages)[CAM_STAGE]
+    cam = decode_mask(row[cam_column]) if row.get(cam_column) is not None else None
     final = decode_mask(row["mask"])
     caption = f"{row['image_id']}: {', '.join(row['labels'])}"
     matrix = ConfusionMatrix(n_classes).update(final, truth) if truth is not None else None
@@ -68,8 +70,11 @@ def write_gallery(
     (preferring images with ground truth); returns the URIs of the contact sheet and the page."""
     manifest = load_manifest(cfg)
     truths = {row.image_id: row.mask for row in manifest.rows if row.mask}
-    columns = ["image_id", "image", "labels", "mask", "mask_cam"]
-    rows = shards.read_shard_rows(out_uri, cfg.storage, shards.LABELS, model_version, columns)
+    columns = ["image_id", "image", "labels", shards.FINAL_COLUMN]
+    cam_column = shards.stage_columns(cfg.stages)[CAM_STAGE]
+    rows = shards.read_shard_rows(
+        out_uri, cfg.storage, shards.LABELS, model_version, columns, optional_columns=[cam_column]
+    )
     candidates = sorted(
         rows.take(4 * n), key=lambda r: (r["image_id"] not in truths, r["image_id"])
     )

@@ -1,4 +1,5 @@
-"""`wsss label`: a manifest's images streamed through CAM, random walk and CRF into Parquet shards.
+"""`wsss label`: a manifest's images streamed through the method (CAMs, then the configured
+refiners: by default the random walk and the dense CRF) into Parquet shards.
 
 One streaming Ray Data execution; the driver holds no rows, only the class list, the model
 records and one small count record per write task:
@@ -9,10 +10,11 @@ records and one small count record per write task:
                                               duplicate check
     -> fetch + decode                         CPU tasks (S3 fetches overlap in threads; without
                                               GPUs Ray fuses them into the model actors' calls)
-    -> CAM + random walk (`labeling.walk`)    model actors (`Walker`), a GPU each when ray.use_gpu
-    -> CRF + final mask + PNG (`finish_row`)   in a CPU actor pool of its own (`Finisher`) when the
-                                              model actors have GPUs; in the model actors, after
-                                              the walk, when they run on CPUs (`crf_pool`)
+    -> CAMs + the refiners that run beside    model actors (`ModelActor`), a GPU each when
+       the networks (`Labeler.seed`: the walk)  ray.use_gpu
+    -> the other refiners (the CRF), the final in a CPU actor pool of its own (`Finisher`) when the
+       mask, PNG (`finish_row`)                 model actors have GPUs; in the model actors, after
+                                              the seed part, when they run on CPUs (`crf_pool`)
     -> ShardSink: labels/ and errors/ files (layout and schema: `pipelines.shards`)
 
 The steps without a model (rows, anti-join, fetch + decode, the sink) are in
@@ -52,13 +54,7 @@ import ray
 from pipelines import label_rows, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
-from pipelines.model_record import (
-    ModelRecord,
-    load_affinity_net,
-    load_classifier,
-    read_record,
-    record_uri,
-)
+from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
 from pipelines.storage import StorageConfig
 from wsss import dataset, labeling
 from wsss.imageio import encode_mask
@@ -122,84 +118,85 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
     return rows, partitions
 
 
-class Walker:
-    """Ray Data actor: CAMs and the random walk (`wsss.labeling.walk`) of decoded rows, and with
-    `finish` the CRF too (`finish_row`). Each actor loads both networks from their model records
-    once, onto the GPU Ray gave it if any. A walk handed on travels pickled: it is an
-    intermediate of this job, never stored."""
+class ModelActor:
+    """Ray Data actor: the CAMs and the refiners that run beside the networks
+    (`wsss.labeling.Labeler.seed`) of decoded rows, and with `finish` the rest too
+    (`finish_row`). Each actor loads the networks from their model records once, onto the GPU
+    Ray gave it if any. A seed part handed on travels pickled: it is an intermediate of this
+    job, never stored."""
 
     def __init__(
-        self,
-        cfg: RunConfig,
-        classifier_record: str,
-        affinity_record: str,
-        classes: list[str],
-        finish: bool,
+        self, cfg: RunConfig, records: dict[str, str], classes: list[str], finish: bool
     ) -> None:
         device = default_device()
         self.cfg = cfg
         self.finish = finish
-        self.classifier = load_classifier(classifier_record, cfg).to(device)
-        self.affinity_net = load_affinity_net(affinity_record, cfg).to(device)
+        networks = {name: load_network(uri, cfg, name).to(device) for name, uri in records.items()}
+        self.labeler = cfg.labeler(networks)
         self.index = {name: i for i, name in enumerate(classes)}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        walks = [self._walk(row) for row in rows]
+        seeded = [self._seed(row) for row in rows]
         if self.finish:
-            final = [finish_row(row, walk, self.cfg) for row, walk in zip(rows, walks, strict=True)]
-            return pa.Table.from_pylist(final, schema=label_rows.FINISHED_SCHEMA)
-        for row, walk in zip(rows, walks, strict=True):
-            row["walked"] = None if walk is None else pickle.dumps(walk, pickle.HIGHEST_PROTOCOL)
-        return pa.Table.from_pylist(rows, schema=label_rows.WALKED_SCHEMA)
+            final = [
+                finish_row(row, part, self.labeler, self.cfg)
+                for row, part in zip(rows, seeded, strict=True)
+            ]
+            return pa.Table.from_pylist(final, schema=label_rows.finished_schema(self.cfg.stages))
+        for row, part in zip(rows, seeded, strict=True):
+            row["seeded"] = None if part is None else pickle.dumps(part, pickle.HIGHEST_PROTOCOL)
+        return pa.Table.from_pylist(rows, schema=label_rows.SEEDED_SCHEMA)
 
-    def _walk(self, row: dict) -> labeling.Walked | None:
-        """The row's walk, or None when it failed before or fails here (then marked so)."""
+    def _seed(self, row: dict) -> labeling.Partial | None:
+        """The row's seed part, or None when it failed before or fails here (then marked so)."""
         if row["outcome"] != label_rows.OK:
             return None
         try:
-            return labeling.walk(
-                label_rows.row_image(row),
-                [self.index[name] for name in row["labels"]],
-                self.classifier,
-                self.affinity_net,
-                self.cfg.cam,
-                self.cfg.random_walk,
+            return self.labeler.seed(
+                label_rows.row_image(row), [self.index[name] for name in row["labels"]]
             )
-        except Exception as exc:  # e.g. out of memory: the image fails, not the job
-            label_rows.fail(row, "walk", exc)
+        except labeling.StageError as exc:  # e.g. out of memory: the image fails, not the job
+            label_rows.fail(row, exc.stage, exc.__cause__)
             return None
 
 
-def finish_row(row: dict, walked: labeling.Walked | None, cfg: RunConfig) -> dict:
-    """A decoded row and its walk -> the final row: dense CRF, final mask and confidence
-    (`wsss.labeling.finish`), masks PNG-encoded; CAM and walk masks too with label.keep_stages."""
-    final = label_rows.finished_row(row)
+def finish_row(
+    row: dict, part: labeling.Partial | None, labeler: labeling.Labeler, cfg: RunConfig
+) -> dict:
+    """A decoded row and its seed part -> the final row: the remaining refiners, the final mask
+    and confidence (`wsss.labeling.Labeler.finish`), masks PNG-encoded; every stage's mask too
+    with label.keep_stages."""
+    stages = cfg.stages
+    final = label_rows.finished_row(row, stages)
     if row["outcome"] != label_rows.OK:
         return final
     try:
-        labelled = labeling.finish(label_rows.row_image(row), walked, cfg.crf, cfg.pseudo_label)
-        final.update(
-            mask=encode_mask(labelled.mask),
-            confidence=labelled.confidence,
-            ignore_fraction=labelled.ignore_fraction,
-        )
-        if cfg.label.keep_stages:
-            final.update(
-                mask_cam=encode_mask(labelled.cam_mask), mask_rw=encode_mask(labelled.rw_mask)
-            )
-    except Exception as exc:  # the image fails, not the job
-        label_rows.fail(final, "crf", exc)
+        labelled = labeler.finish(label_rows.row_image(row), part)
+    except labeling.StageError as exc:  # the image fails, not the job
+        label_rows.fail(final, exc.stage, exc.__cause__)
+        return final
+    final.update(
+        mask=encode_mask(labelled.mask),
+        confidence=labelled.confidence,
+        ignore_fraction=labelled.ignore_fraction,
+    )
+    if cfg.label.keep_stages:
+        for stage, column in shards.stage_columns(stages).items():
+            if column != shards.FINAL_COLUMN:
+                final[column] = encode_mask(labelled.masks[stage])
     return final
 
 
-def finish_rows(batch: pa.Table, cfg: RunConfig) -> pa.Table:
-    """Ray Data step: walked rows (the walk pickled) -> final rows (`finish_row`)."""
+def finish_rows(batch: pa.Table, labeler: labeling.Labeler, cfg: RunConfig) -> pa.Table:
+    """Ray Data step: seeded rows (the seed part pickled) -> final rows (`finish_row`)."""
     out = [
-        finish_row(row, None if row["walked"] is None else pickle.loads(row["walked"]), cfg)
+        finish_row(
+            row, None if row["seeded"] is None else pickle.loads(row["seeded"]), labeler, cfg
+        )
         for row in batch.to_pylist()
     ]
-    return pa.Table.from_pylist(out, schema=label_rows.FINISHED_SCHEMA)
+    return pa.Table.from_pylist(out, schema=label_rows.finished_schema(cfg.stages))
 
 
 class Finisher:
@@ -209,9 +206,11 @@ class Finisher:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
+        # The refiners after the seed part need no network (all of today's run on CPUs alone).
+        self.labeler = cfg.labeler({})
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return finish_rows(batch, self.cfg)
+        return finish_rows(batch, self.labeler, self.cfg)
 
 
 def crf_pool(cfg: RunConfig) -> bool:
@@ -225,9 +224,9 @@ def crf_pool(cfg: RunConfig) -> bool:
 # --- the job ------------------------------------------------------------------------------------
 
 
-def model_version(classifier: ModelRecord, affinity: ModelRecord) -> str:
-    """Content hash of the two checkpoints a labeling uses."""
-    digest = hashlib.sha256(f"{classifier.weights_sha256}:{affinity.weights_sha256}".encode())
+def model_version(records: dict[str, ModelRecord]) -> str:
+    """Content hash of the checkpoints a labeling uses (the classifier's first)."""
+    digest = hashlib.sha256(":".join(r.weights_sha256 for r in records.values()).encode())
     return digest.hexdigest()[:16]
 
 
@@ -339,11 +338,10 @@ def labelled_dataset(
             **task,
         )
         .map_batches(
-            Walker,
+            ModelActor,
             fn_constructor_kwargs={
                 "cfg": cfg,
-                "classifier_record": records["classifier"],
-                "affinity_record": records["affinity"],
+                "records": records,
                 "classes": classes,
                 "finish": not pool,
             },
@@ -386,20 +384,16 @@ def run(
     out_uri: str | None = None,
     force: bool = False,
     keep_stages: bool = False,
-    classifier_record: str | None = None,
-    affinity_record: str | None = None,
+    records: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Label the manifest (`input_uri`, default dataset.manifest) into `out_uri` (default
-    label.out, else the run folder) with the networks of the two model records (default: this
-    run's). Returns the run summary, also written to `<out>/label_runs/<run_id>.json` and
-    `<out>/label_summary.json`."""
+    label.out, else the run folder) with the networks the method needs (`RunConfig.networks`)
+    from the model records in `records` by network name (default: this run's). Returns the run
+    summary, also written to `<out>/label_runs/<run_id>.json` and `<out>/label_summary.json`."""
     cfg = effective_config(cfg, input_uri, out_uri, keep_stages)
     out = cfg.label.out or cfg.run_uri
-    uris = {
-        "classifier": classifier_record or record_uri(cfg, "classifier"),
-        "affinity": affinity_record or record_uri(cfg, "affinity"),
-    }
+    uris = record_uris(cfg, records)
     records = read_records(cfg, uris)
     classes = manifest_classes(cfg)
     for stage, record in records.items():
@@ -408,7 +402,7 @@ def run(
                 f"the {stage} of {uris[stage]} knows the classes {record.classes}, the manifest "
                 f"{cfg.dataset.manifest} has {classes}"
             )
-    version = model_version(records["classifier"], records["affinity"])
+    version = model_version(records)
     # Imported here, not above: every Ray worker running a step of this module imports it, and
     # pipelines.train brings Ray Train, seconds per worker start on a small machine.
     from pipelines.train import connect
@@ -424,7 +418,14 @@ def run(
     log(f"labeling {cfg.dataset.manifest} into {out} (model version {version}, run {run_id})")
     ds = labelled_dataset(cfg, classes, uris, None if force else version, out)
     sink = label_rows.ShardSink(
-        out, cfg.storage, classes, run_id, version, cfg.hash(), cfg.label.min_rows_per_file
+        out,
+        cfg.storage,
+        classes,
+        cfg.stages,
+        run_id,
+        version,
+        cfg.hash(),
+        cfg.label.min_rows_per_file,
     )
     started = time.perf_counter()
     ds.write_datasink(sink, ray_remote_args={"num_cpus": cfg.label.cpus_per_task})
@@ -443,8 +444,8 @@ def run(
         "config_hash": cfg.hash(),
         "manifest": cfg.dataset.manifest,
         "out": out,
-        "classifier_record": uris["classifier"],
-        "affinity_record": uris["affinity"],
+        "method_stages": list(cfg.stages),
+        "records": uris,
         "force": force,
         "retired_files": retired,
         "keep_stages": cfg.label.keep_stages,

@@ -15,7 +15,7 @@ import json
 import posixpath
 import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from functools import partial
@@ -60,12 +60,18 @@ _ROW_FIELDS = [
 _SIZE_FIELDS = [pa.field("height", pa.int32()), pa.field("width", pa.int32())]
 ROW_SCHEMA = pa.schema(_ROW_FIELDS)
 DECODED_SCHEMA = pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, pa.field("pixels", pa.binary())])
-WALKED_SCHEMA = pa.schema([*DECODED_SCHEMA, pa.field("walked", pa.binary())])
-_RESULT_FIELDS = [  # the shards' columns, null while a row has no result
-    shards.LABELS_SCHEMA.field(name).with_nullable(True)
-    for name in ("mask", "confidence", "ignore_fraction", "mask_cam", "mask_rw")
-]
-FINISHED_SCHEMA = pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, *_RESULT_FIELDS])
+# The seed part of the method (`wsss.labeling.Partial`) pickled, on its way to the CRF pool.
+SEEDED_SCHEMA = pa.schema([*DECODED_SCHEMA, pa.field("seeded", pa.binary())])
+
+
+def finished_schema(stages: Sequence[str]) -> pa.Schema:
+    """Rows as the sink takes them: the row's fields and the shards' result columns of a method
+    with these stages, null while a row has no result."""
+    labels = shards.labels_schema(stages)
+    names = ("mask", "confidence", "ignore_fraction", *shards.stage_columns(stages).values())
+    results = [labels.field(name).with_nullable(True) for name in dict.fromkeys(names)]
+    return pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, *results])
+
 
 # --- manifest rows ----------------------------------------------------------------------------
 
@@ -285,10 +291,11 @@ def row_image(row: dict) -> np.ndarray:
     return np.frombuffer(row["pixels"], np.uint8).reshape(row["height"], row["width"], 3)
 
 
-def finished_row(row: dict) -> dict:
-    """A decoded or walked row as the sink takes it: its fields, no results yet."""
+def finished_row(row: dict, stages: Sequence[str]) -> dict:
+    """A decoded or seeded row as the sink takes it: its fields, no results yet."""
     final = {f.name: row[f.name] for f in (*_ROW_FIELDS, *_SIZE_FIELDS)}
-    return final | {f.name: None for f in _RESULT_FIELDS}
+    results = finished_schema(stages).names[len(final) :]
+    return final | dict.fromkeys(results)
 
 
 # --- the sink -----------------------------------------------------------------------------------
@@ -321,6 +328,7 @@ class ShardSink(ray.data.Datasink):
         out_uri: str,
         config: StorageConfig,
         classes: list[str],
+        stages: Sequence[str],
         run_id: str,
         model_version: str,
         config_hash: str,
@@ -329,6 +337,7 @@ class ShardSink(ray.data.Datasink):
         self.out_uri = out_uri
         self.config = config
         self.classes = classes
+        self.stages = tuple(stages)
         self.run_id = run_id
         self.model_version = model_version
         self.config_hash = config_hash
@@ -348,7 +357,7 @@ class ShardSink(ray.data.Datasink):
         }
 
     def _labels_table(self, rows: pa.Table) -> pa.Table:
-        schema = shards.file_schema(shards.LABELS, self.classes)
+        schema = shards.file_schema(shards.LABELS, self.classes, self.stages)
         columns = {name: rows.column(name) for name in schema.names if name in rows.column_names}
         columns |= self._provenance(rows.num_rows)
         return pa.table([columns[name] for name in schema.names], schema=schema)
@@ -361,12 +370,12 @@ class ShardSink(ray.data.Datasink):
             "error_type": rows.column("error_type"),
             "message": rows.column("error_message"),
         } | self._provenance(rows.num_rows)
-        schema = shards.file_schema(shards.ERRORS, self.classes)
+        schema = shards.file_schema(shards.ERRORS, self.classes, self.stages)
         return pa.table([columns[name] for name in schema.names], schema=schema)
 
     def write(self, blocks: Iterable, ctx) -> dict:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
-        rows = pa.concat_tables(tables) if tables else FINISHED_SCHEMA.empty_table()
+        rows = pa.concat_tables(tables) if tables else finished_schema(self.stages).empty_table()
         outcome = rows.column("outcome")
         labelled = rows.filter(pc.equal(outcome, OK))
         failed = rows.filter(pc.equal(outcome, ERROR))

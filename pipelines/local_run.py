@@ -3,7 +3,8 @@
 The reference the distributed jobs are checked against, and the quickest way to see what a
 configuration does on a small dataset. It reads the manifest and images (local or s3://), trains
 the classifier, computes CAMs and affinity labels, trains AffinityNet, labels every image with
-`wsss.labeling` and reports mIoU after CAM, random walk and CRF against the ground-truth masks.
+`wsss.labeling` and reports mIoU after each stage (CAM, then each configured refiner: random walk,
+CRF) against the ground-truth masks.
 The resolved config and a JSON summary go to `<output>/<name>/local/`.
 """
 
@@ -29,6 +30,7 @@ from wsss.classifier import image_scores, train_classifier
 from wsss.dataset import Manifest
 from wsss.imageio import decode_image, decode_mask
 from wsss.metrics import ConfusionMatrix, mean_average_precision
+from wsss.networks import initial_network
 from wsss.training import EpochEnd, default_device, epoch_summary
 
 
@@ -60,7 +62,6 @@ def _log_epoch(what: str, epochs: int, log: Callable[[str], None]) -> EpochEnd:
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """Run every stage; returns the summary (also written under the run folder)."""
-    torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device) if cfg.device else default_device()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -77,9 +78,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     t = lap("load", started)
 
     classifier = train_classifier(
+        initial_network(
+            "classifier", resolve_weights(cfg.classifier.model, cfg), n_classes, seed=cfg.seed
+        ),
         [(e.image, e.labels) for e in examples],
-        n_classes,
-        resolve_weights(cfg.classifier.model, cfg),
         cfg.classifier.augment,
         cfg.classifier.optim,
         cfg.seed,
@@ -94,48 +96,53 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     n_all = n_classes + 1
     sweep = {thr: ConfusionMatrix(n_all) for thr in CONSTANT_BACKGROUNDS}
-    cams, affinity_samples = [], []
-    for e in examples:
-        cams_fg = compute_cams(classifier, e.image, e.labels, cfg.cam)
-        cams.append(cams_fg)
+    cams = [compute_cams(classifier, e.image, e.labels, cfg.cam) for e in examples]
+    for e, cams_fg in zip(examples, cams, strict=True):
         if e.mask is not None:
             for thr, matrix in sweep.items():
                 matrix.update(labeling.cam_mask(cams_fg, CONSTANT_BACKGROUNDS[thr]), e.mask)
-        label_map = affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image)
-        affinity_samples.append((e.image, label_map))
     t = lap("cam", t)
 
-    affinity_net = train_affinity_net(
-        affinity_samples,
-        cfg.affinity.model,  # its backbone starts from the classifier's
-        cfg.affinity.augment,
-        cfg.affinity.optim,
-        cfg.seed,
-        device,
-        backbone_state=classifier.backbone.state_dict(),
-        on_epoch_end=_log_epoch("affinity", cfg.affinity.optim.epochs, log),
-    )
-    t = lap("train_affinity", t)
-
-    stages = {name: ConfusionMatrix(n_all) for name in ("cam", "random_walk", "crf")}
-    areas = {name: ClassAreas(n_all) for name in stages}
-    walked_all = []
-    for e, cams_fg in zip(examples, cams, strict=True):
-        walked_all.append(
-            labeling.walk(
-                e.image, e.labels, classifier, affinity_net, cfg.cam, cfg.random_walk, cams_fg
-            )
+    networks = {"classifier": classifier}
+    if "affinity" in cfg.networks:  # the refiners need AffinityNet (the random walk does)
+        affinity_samples = [
+            (e.image, affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image))
+            for e, cams_fg in zip(examples, cams, strict=True)
+        ]
+        networks["affinity"] = train_affinity_net(
+            # Its backbone starts from the classifier's.
+            initial_network(
+                "affinity",
+                cfg.affinity.model,
+                n_classes,
+                classifier.backbone.state_dict(),
+                seed=cfg.seed,
+            ),
+            affinity_samples,
+            cfg.affinity.augment,
+            cfg.affinity.optim,
+            cfg.seed,
+            device,
+            on_epoch_end=_log_epoch("affinity", cfg.affinity.optim.epochs, log),
         )
-    t = lap("random_walk", t)
-    for e, walked in zip(examples, walked_all, strict=True):
-        out = labeling.finish(e.image, walked, cfg.crf, cfg.pseudo_label)
-        for name, mask in (("cam", out.cam_mask), ("random_walk", out.rw_mask), ("crf", out.mask)):
+        t = lap("train_affinity", t)
+
+    labeler = cfg.labeler(networks)
+    final = labeler.stages[-1]
+    stages = {name: ConfusionMatrix(n_all) for name in labeler.stages}
+    areas = {name: ClassAreas(n_all) for name in stages}
+    seeded = [
+        labeler.seed(e.image, e.labels, cams_fg) for e, cams_fg in zip(examples, cams, strict=True)
+    ]
+    t = lap("seed", t)  # the CAM masks and the refiners beside the networks (the walk)
+    for e, part in zip(examples, seeded, strict=True):
+        out = labeler.finish(e.image, part)
+        for name in labeler.stages:
+            mask = out.mask if name == final else out.masks[name]
             areas[name].update(mask, e.labels)
-        if e.mask is not None:
-            stages["cam"].update(out.cam_mask, e.mask)
-            stages["random_walk"].update(out.rw_mask, e.mask)
-            stages["crf"].update(out.mask, e.mask)
-    lap("crf", t)
+            if e.mask is not None:
+                stages[name].update(mask, e.mask)
+    lap("finish", t)  # the other refiners (the CRF) and the final masks
 
     evaluated = sum(e.mask is not None for e in examples)
     best_threshold = max(sweep, key=lambda thr: np.nan_to_num(sweep[thr].miou(), nan=-1.0))
@@ -150,7 +157,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
             presence_rates((e.labels for e in examples), n_all),
             areas,
             cfg.evaluate.class_report,
-            final="crf",
+            final=final,
         ),
         "cam_threshold_sweep": {str(thr): round_metric(m.miou()) for thr, m in sweep.items()},
         "cam_best_threshold": best_threshold,

@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
 
 from pipelines import storage
 from pipelines.config import RunConfig
-from wsss.affinity import AffinityNet, AffinityNetParams
-from wsss.classifier import Classifier, ClassifierParams
+from wsss.networks import NETWORKS, build_network
 
-Stage = Literal["classifier", "affinity"]
+Stage = Literal["classifier", "affinity"]  # the keys of wsss.networks.NETWORKS
 # Files of a training checkpoint folder.
 WEIGHTS_FILE = "model.pt"  # the network's state dict
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and step count, for resuming
@@ -52,6 +52,12 @@ class ModelRecord(BaseModel):
 def record_uri(cfg: RunConfig, stage: Stage) -> str:
     """Where the run's training of `stage` writes its record."""
     return storage.join(cfg.run_uri, "models", f"{stage}.json")
+
+
+def record_uris(cfg: RunConfig, given: dict[str, str | None] | None = None) -> dict[str, str]:
+    """The model record of each network labeling needs (`RunConfig.networks`): the one `given`
+    for it, else this run's."""
+    return {name: (given or {}).get(name) or record_uri(cfg, name) for name in cfg.networks}
 
 
 def sha256_hex(data: bytes) -> str:
@@ -91,36 +97,23 @@ def load_weights(record: ModelRecord, cfg: RunConfig) -> dict[str, torch.Tensor]
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def _expect_stage(record: ModelRecord, stage: Stage, uri: str) -> None:
+def load_network(uri: str, cfg: RunConfig, stage: Stage) -> nn.Module:
+    """The network of `stage` from the record at `uri`, on the CPU, in eval mode."""
+    record = read_record(uri, cfg)
     if record.stage != stage:
         raise ValueError(f"model record {uri} is for the {record.stage}, not the {stage}")
-
-
-def load_classifier(uri: str, cfg: RunConfig) -> Classifier:
-    """The classifier of the record at `uri`, on the CPU, in eval mode."""
-    record = read_record(uri, cfg)
-    _expect_stage(record, "classifier", uri)
-    model = Classifier(len(record.classes) - 1, ClassifierParams.model_validate(record.model))
+    model = build_network(stage, record.model, len(record.classes) - 1)
     model.load_state_dict(load_weights(record, cfg))
     return model.eval()
 
 
-def load_affinity_net(uri: str, cfg: RunConfig) -> AffinityNet:
-    """The AffinityNet of the record at `uri`, on the CPU, in eval mode."""
-    record = read_record(uri, cfg)
-    _expect_stage(record, "affinity", uri)
-    model = AffinityNet(AffinityNetParams.model_validate(record.model))
-    model.load_state_dict(load_weights(record, cfg))
-    return model.eval()
-
-
-def save_model(
-    model: Classifier | AffinityNet, classes: list[str], cfg: RunConfig, folder: str
-) -> ModelRecord:
+def save_model(model: nn.Module, classes: list[str], cfg: RunConfig, folder: str) -> ModelRecord:
     """Store a network trained outside `wsss train-*` (in process, or imported) as weights in
     `folder` and a model record at this run's `record_uri`, so later stages load it like one
     Ray Train produced."""
-    stage: Stage = "classifier" if isinstance(model, Classifier) else "affinity"
+    stage = next(
+        name for name, kind in NETWORKS.items() if isinstance(model.params, kind.params_type)
+    )
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     weights = buffer.getvalue()

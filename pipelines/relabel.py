@@ -48,7 +48,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pipelines import label, label_rows, storage
 from pipelines.config import RunConfig
 from pipelines.evaluate import labels_uri
-from pipelines.model_record import record_uri
+from pipelines.model_record import record_uris
 from pipelines.storage import StorageConfig
 from pipelines.train import connect
 
@@ -262,9 +262,8 @@ def run(
     started = datetime.now(UTC)
     date = date or f"{started:%Y-%m-%d}"
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
-    uris = {"classifier": record_uri(cfg, "classifier"), "affinity": record_uri(cfg, "affinity")}
-    records = label.read_records(cfg, uris)
-    version = label.model_version(records["classifier"], records["affinity"])
+    records = label.read_records(cfg, record_uris(cfg))
+    version = label.model_version(records)
     connect(cfg)
 
     night = storage.join(root, date)

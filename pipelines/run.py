@@ -1,4 +1,5 @@
-"""`wsss run`: every stage of a run in order: train-classifier, train-affinity, label, evaluate.
+"""`wsss run`: every stage of a run in order: train-classifier, the training of each other network
+the configured refiners need (train-affinity for the random walk), label, evaluate.
 
 A finished stage leaves a marker `<run>/stages/<stage>.json` holding a fingerprint of what its
 output depends on: the configuration sections it reads and the manifest file's size and
@@ -20,15 +21,22 @@ from pipelines import evaluate, label, shards, storage, train_affinity, train_cl
 from pipelines.config import ConfigError, RunConfig
 from pipelines.model_record import record_uri
 
-_METHOD = ("seed", "dataset", "classifier", "cam", "affinity")
-# The configuration sections each stage's output depends on.
-STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "train-classifier": ("seed", "dataset", "classifier"),
-    "train-affinity": _METHOD,
-    "label": (*_METHOD, "random_walk", "crf", "pseudo_label", "label"),
-    "evaluate": (*_METHOD, "random_walk", "crf", "pseudo_label", "label", "evaluate"),
+# The job that trains each network a method may need (`RunConfig.networks`), as a stage.
+TRAINERS: dict[str, Callable[..., object]] = {
+    "classifier": train_classifier.run,
+    "affinity": train_affinity.run,
 }
-TRAINING = ("train-classifier", "train-affinity")
+
+
+def stage_sections(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
+    """The stages of `cfg`'s run in order (a training stage per network its method needs, then
+    label and evaluate), each with the configuration sections its output depends on."""
+    trains = [name for name in cfg.networks if name != "classifier"]
+    method = ("seed", "dataset", "classifier", "cam", *trains)
+    sections = {"train-classifier": ("seed", "dataset", "classifier")}
+    sections |= {f"train-{name}": method for name in trains}
+    labeling = (*method, "refiners", *cfg.refiners, "pseudo_label", "label")
+    return sections | {"label": labeling, "evaluate": (*labeling, "evaluate")}
 
 
 def _digest(value: object) -> str:
@@ -38,7 +46,7 @@ def _digest(value: object) -> str:
 def section_digests(cfg: RunConfig, stage: str) -> dict[str, str]:
     """Digest of each configuration section `stage` depends on, and of the manifest file."""
     data = cfg.model_dump(mode="json")
-    digests = {section: _digest(data[section]) for section in STAGE_SECTIONS[stage]}
+    digests = {section: _digest(data[section]) for section in stage_sections(cfg)[stage]}
     fs, path = storage.filesystem(cfg.dataset.manifest, cfg.storage)
     info = fs.get_file_info(path)
     digests["manifest file"] = _digest([info.size, info.mtime_ns])
@@ -51,10 +59,8 @@ def marker_uri(cfg: RunConfig, stage: str) -> str:
 
 def output_uri(cfg: RunConfig, stage: str) -> str:
     """A file whose presence shows the stage's output is there."""
-    if stage == "train-classifier":
-        return record_uri(cfg, "classifier")
-    if stage == "train-affinity":
-        return record_uri(cfg, "affinity")
+    if stage.startswith("train-"):
+        return record_uri(cfg, stage.removeprefix("train-"))
     out = evaluate.labels_uri(cfg)
     if stage == "label":
         return storage.join(out, shards.SUMMARY_FILE)
@@ -75,7 +81,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
     """Run the stages not yet done for `cfg`; returns what happened to each stage."""
     outcome: dict[str, str] = {}
     relabel = False  # the shards were labelled with other settings: redo them
-    for stage in STAGE_SECTIONS:
+    for stage in stage_sections(cfg):
         digests = section_digests(cfg, stage)
         before = previous_digests(cfg, stage)
         # Once a stage ran, the later ones see new inputs and run too.
@@ -87,7 +93,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
                 log(evaluate.format_table(result["classes"], result["stages"]))
             continue
         changed = [s for s in digests if before is not None and before.get(s) != digests[s]]
-        if changed and stage in TRAINING:
+        if changed and stage.startswith("train-"):
             raise ConfigError(
                 f"run {cfg.name!r} trained its {stage.removeprefix('train-')} with other "
                 f"settings ({', '.join(changed)} changed) and its checkpoints belong to them; "
@@ -95,10 +101,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
             )
         relabel = relabel or (stage == "label" and bool(changed))
         log(f"== {stage}")
-        if stage == "train-classifier":
-            train_classifier.run(cfg, log)
-        elif stage == "train-affinity":
-            train_affinity.run(cfg, log=log)
+        if stage.startswith("train-"):
+            TRAINERS[stage.removeprefix("train-")](cfg, log=log)
         elif stage == "label":
             label.run(cfg, force=relabel, log=log)
         else:

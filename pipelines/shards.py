@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import posixpath
+from collections.abc import Sequence
 from typing import Literal
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from pipelines import storage
@@ -45,21 +47,40 @@ _PROVENANCE = [
     pa.field("config_hash", pa.string(), nullable=False),
     pa.field("created_at", _TIMESTAMP, nullable=False),
 ]
-LABELS_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("image", pa.string(), nullable=False),  # the resolved URI the image came from
-        pa.field("height", pa.int32(), nullable=False),
-        pa.field("width", pa.int32(), nullable=False),
-        pa.field("labels", pa.list_(pa.string()), nullable=False),
-        pa.field("mask", pa.binary(), nullable=False),  # PNG, mode L, class index, 255 = ignore
-        pa.field("confidence", pa.float32(), nullable=False),
-        pa.field("ignore_fraction", pa.float32(), nullable=False),
-        pa.field("mask_cam", pa.binary()),  # same encoding; null unless stages were kept
-        pa.field("mask_rw", pa.binary()),
-        *_PROVENANCE,
+_LABELS_FIELDS = [
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("image", pa.string(), nullable=False),  # the resolved URI the image came from
+    pa.field("height", pa.int32(), nullable=False),
+    pa.field("width", pa.int32(), nullable=False),
+    pa.field("labels", pa.list_(pa.string()), nullable=False),
+    pa.field("mask", pa.binary(), nullable=False),  # PNG, mode L, class index, 255 = ignore
+    pa.field("confidence", pa.float32(), nullable=False),
+    pa.field("ignore_fraction", pa.float32(), nullable=False),
+]
+FINAL_COLUMN = "mask"
+# Schema version 1 named the random walk's column so; kept, so its files still read.
+_SHORT_COLUMNS = {"random_walk": "mask_rw"}
+
+
+def stage_columns(stages: Sequence[str]) -> dict[str, str]:
+    """Stage name -> the column holding its mask, for a method's stages in order ("cam", then
+    its refiners): the last stage's mask is the final one, `mask` (its argmax, thresholded by
+    pseudo_label.confidence_threshold); each earlier stage's is `mask_<stage>`."""
+    columns = {stage: _SHORT_COLUMNS.get(stage, f"mask_{stage}") for stage in stages[:-1]}
+    return columns | {stages[-1]: FINAL_COLUMN}
+
+
+def labels_schema(stages: Sequence[str]) -> pa.Schema:
+    """The labels/ schema of a method with these stages: an optional column per stage before
+    the last, same encoding as `mask`, null unless label.keep_stages."""
+    kept = [
+        pa.field(column, pa.binary())
+        for column in stage_columns(stages).values()
+        if column != FINAL_COLUMN
     ]
-)
+    return pa.schema([*_LABELS_FIELDS, *kept, *_PROVENANCE])
+
+
 ERRORS_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -70,13 +91,13 @@ ERRORS_SCHEMA = pa.schema(
         *_PROVENANCE,
     ]
 )
-SCHEMAS: dict[str, pa.Schema] = {LABELS: LABELS_SCHEMA, ERRORS: ERRORS_SCHEMA}
 
 
-def file_schema(kind: Kind, classes: list[str]) -> pa.Schema:
+def file_schema(kind: Kind, classes: list[str], stages: Sequence[str]) -> pa.Schema:
     """The schema of a `kind` file, with the class names and schema version as file metadata."""
     metadata = {META_SCHEMA_VERSION: SCHEMA_VERSION, META_CLASSES: json.dumps(classes)}
-    return SCHEMAS[kind].with_metadata(metadata)
+    schema = labels_schema(stages) if kind == LABELS else ERRORS_SCHEMA
+    return schema.with_metadata(metadata)
 
 
 def shard_name(model_version: str, run_id: str, task: int) -> str:
@@ -131,9 +152,12 @@ def read_shard_rows(
     kind: Kind = LABELS,
     model_version: str | None = LATEST,
     columns: list[str] | None = None,
+    optional_columns: Sequence[str] = (),
 ) -> ray.data.Dataset:
     """The rows of the `kind` shards under `out_uri` as they are stored (masks as PNG bytes),
-    of `model_version` (default: the latest run's; None: every version)."""
+    of `model_version` (default: the latest run's; None: every version). With `columns`, only
+    those, and of `optional_columns` those the shards have (e.g. stage masks of another
+    method's stages)."""
     model_version = resolve_model_version(out_uri, config, model_version)
     files = shard_files(out_uri, kind, config, model_version)
     if not files:
@@ -142,4 +166,9 @@ def read_shard_rows(
         )
     fs, _ = storage.filesystem(out_uri, config)
     shard_rows = ray.data.read_parquet(files, filesystem=fs)
-    return shard_rows if columns is None else shard_rows.select_columns(columns)
+    if columns is None:
+        return shard_rows
+    stored = set(pq.read_schema(files[0], filesystem=fs).names)
+    return shard_rows.select_columns(
+        list(dict.fromkeys([*columns, *(c for c in optional_columns if c in stored)]))
+    )

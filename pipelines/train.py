@@ -58,6 +58,7 @@ from wsss.training import (
     fit,
     make_optimizer,
     make_scheduler,
+    param_groups,
 )
 
 logger = logging.getLogger(__name__)
@@ -440,7 +441,7 @@ def _train_worker(config: dict) -> None:
     if resumed is not None:
         model.load_state_dict(resumed["weights"])
     ddp_model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(model.param_groups(optim.lr, optim.head_lr_mult), optim)
+    optimizer = make_optimizer(param_groups(model, optim.lr, optim.head_lr_mult), optim)
     scheduler = make_scheduler(optimizer, job.steps_per_epoch * optim.epochs, optim)
     start_epoch = 0
     if resumed is not None:

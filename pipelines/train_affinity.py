@@ -19,7 +19,7 @@ import ray
 
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
-from pipelines.model_record import ModelRecord, load_classifier, read_record, record_uri
+from pipelines.model_record import ModelRecord, load_network, read_record, record_uri
 from pipelines.train import (
     check_resources,
     connect,
@@ -29,9 +29,9 @@ from pipelines.train import (
     run_training,
 )
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
-from wsss.backbone import load_backbone_weights
 from wsss.cam import compute_cams
 from wsss.dataset import Manifest
+from wsss.networks import initial_network
 from wsss.training import default_device
 from wsss.transforms import AugmentParams
 
@@ -43,7 +43,7 @@ class AffinityLabeler:
     def __init__(self, classifier_record: str, cfg: RunConfig) -> None:
         self.cfg = cfg
         # The actor sees only the GPU Ray gave it (if any): default_device picks it.
-        self.model = load_classifier(classifier_record, cfg).to(default_device())
+        self.model = load_network(classifier_record, cfg, "classifier").to(default_device())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         label_maps = []
@@ -90,10 +90,10 @@ def affinity_label_dataset(
 
 def initial_affinity_net(classifier_record: str, cfg: RunConfig) -> AffinityNet:
     """AffinityNet before training: its backbone is the trained classifier's."""
-    model = AffinityNet(cfg.affinity.model)
-    classifier = load_classifier(classifier_record, cfg)
-    load_backbone_weights(model.backbone, classifier.backbone.state_dict())
-    return model
+    classifier = load_network(classifier_record, cfg, "classifier")
+    return initial_network(
+        "affinity", cfg.affinity.model, classifier.n_classes, classifier.backbone.state_dict()
+    )
 
 
 def run(

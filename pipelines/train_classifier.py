@@ -16,8 +16,8 @@ from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.model_record import ModelRecord
 from pipelines.train import check_resources, connect, image_dataset, new_job, run_training
-from wsss.backbone import load_backbone_weights
 from wsss.classifier import Classifier, classification_example, classifier_step_loss
+from wsss.networks import initial_network
 from wsss.transforms import AugmentParams
 
 
@@ -39,11 +39,7 @@ def classification_examples(
 def initial_classifier(n_classes: int, cfg: RunConfig) -> Classifier:
     """The classifier before training: its configured backbone weights, when set, are fetched
     on the worker's own node."""
-    params = resolve_weights(cfg.classifier.model, cfg)
-    model = Classifier(n_classes, params)
-    if params.backbone.weights is not None:
-        load_backbone_weights(model.backbone, params.backbone.weights)
-    return model
+    return initial_network("classifier", resolve_weights(cfg.classifier.model, cfg), n_classes)
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:

@@ -23,8 +23,9 @@ from wsss.affinity import (
 )
 from wsss.backbone import BackboneParams, build_backbone
 from wsss.neighbourhood import offsets, pair_valid, shifted
+from wsss.networks import initial_network
 from wsss.synthetic import Sample, SyntheticParams, render_sample
-from wsss.training import OptimParams
+from wsss.training import OptimParams, param_groups
 from wsss.transforms import AugmentParams
 
 torch.set_num_threads(1)
@@ -272,7 +273,7 @@ def test_affinity_net_shapes_and_param_groups(stride):
     assert aff.shape == (len(offsets(5)), math.ceil(37 / stride), math.ceil(50 / stride))
     assert aff.dtype == torch.float32 and bool(((aff > 0) & (aff <= 1)).all())
 
-    groups = model.param_groups(0.01, head_lr_mult=10)
+    groups = param_groups(model, 0.01, head_lr_mult=10)
     assert [g["lr"] for g in groups] == [0.01, 0.1]
     grouped = [id(p) for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
@@ -297,26 +298,30 @@ def test_step_loss_rejects_label_grid_mismatch():
         affinity_step_loss(model, batch)
 
 
-def test_train_affinity_net_checks_samples_and_loads_backbone_state():
+def test_train_affinity_net_checks_samples_and_starts_from_the_given_backbone():
     image = np.zeros((32, 32, 3), np.uint8)
+    params = AffinityNetParams(backbone=RESNET18, level_dims=(8, 8, 8, 8))
     train = functools.partial(
         train_affinity_net,
-        params=AffinityNetParams(backbone=RESNET18, level_dims=(8, 8, 8, 8)),
         augment_params=AugmentParams(resize_long=(32, 32), crop_size=32),
         optim_params=OptimParams(epochs=1, batch_size=1, lr=1e-12),
         seed=0,
         device="cpu",
     )
     with pytest.raises(ValueError, match=r"samples\[1\]: label map shape"):
-        train([(image, np.zeros((32, 32), np.uint8)), (image, np.zeros((16, 32), np.uint8))])
+        bad = [(image, np.zeros((32, 32), np.uint8)), (image, np.zeros((16, 32), np.uint8))]
+        train(AffinityNet(params), bad)
     torch.manual_seed(123)
     source = build_backbone("resnet18")
     label = np.zeros((32, 32), np.uint8)
     label[:, 16:] = 1
-    model = train([(image, label)], backbone_state=source.state_dict())
+    start = initial_network("affinity", params, 1, backbone_weights=source.state_dict(), seed=0)
+    model = train(start, [(image, label)])
     torch.testing.assert_close(model.backbone.conv1.weight, source.conv1.weight)
     with pytest.raises(ValueError, match="do not fit backbone"):
-        train([(image, label)], backbone_state=build_backbone("resnet50").state_dict())
+        initial_network(
+            "affinity", params, 1, backbone_weights=build_backbone("resnet50").state_dict()
+        )
 
 
 # --- the key behaviour: trained affinities separate objects ------------------------------------
@@ -374,8 +379,8 @@ def test_trained_affinity_net_separates_objects_on_held_out_images():
     within_before, across_before = mean_affinities(AffinityNet(params).eval(), held_out)
     history = []
     model = train_affinity_net(
+        initial_network("affinity", params, SYNTHETIC.n_classes, seed=0),
         samples,
-        params,
         AugmentParams(resize_long=(80, 112), crop_size=96),
         OptimParams(epochs=6, batch_size=8, lr=0.05),
         seed=0,

@@ -8,11 +8,10 @@ from conftest import tiny_networks
 
 from pipelines import calibrate
 from pipelines.cli import main
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from wsss import synthetic
-from wsss.affinity import AffinityNet
 from wsss.calibration import refinement_miou
-from wsss.classifier import Classifier
+from wsss.networks import build_network
 from wsss.random_walk import RandomWalkParams
 from wsss.synthetic import SyntheticParams
 
@@ -42,10 +41,12 @@ def test_calibration_writes_settings_that_score_what_it_reports(ray_cluster, tmp
         ]
     )
     torch.manual_seed(0)  # untrained networks: calibration must work on whatever they give
-    classifier = Classifier(3, cfg.classifier.model).eval()
-    affinity_net = AffinityNet(cfg.affinity.model).eval()
+    networks = {
+        "classifier": build_network("classifier", cfg.classifier.model, 3).eval(),
+        "affinity": build_network("affinity", cfg.affinity.model, 3).eval(),
+    }
     lines: list[str] = []
-    report = calibrate.calibrate(cfg, classifier, affinity_net, log=lines.append)
+    report = calibrate.calibrate(cfg, networks, log=lines.append)
 
     assert report["images"] == 4 and len(report["trials"]) == 3
     walk = report["random_walk"]
@@ -59,16 +60,8 @@ def test_calibration_writes_settings_that_score_what_it_reports(ray_cluster, tmp
     calibrated = load_config(report["config"])
     assert calibrated.random_walk.model_dump() == walk["chosen"]
     assert calibrated.cam.background.model_dump() == report["cam"]["chosen"]
-    images, n_classes = calibrate.calibration_images(calibrated, classifier, affinity_net)
-    again = refinement_miou(
-        images,
-        n_classes,
-        affinity_net,
-        calibrated.cam,
-        calibrated.random_walk,
-        calibrated.crf,
-        calibrated.pseudo_label,
-    )
+    images, n_classes = calibrate.calibration_images(calibrated, networks)
+    again = refinement_miou(images, n_classes, calibrated.labeler(networks))
     assert again["final"] == pytest.approx(walk["chosen_final_miou"], abs=1e-6)
     saved = json.loads((tmp_path / "runs" / "demo" / calibrate.REPORT_FILE).read_text())
     assert saved["trials"] == report["trials"]
@@ -80,3 +73,9 @@ def test_cli_without_model_records_names_them_and_exits_2(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "classifier model record" in err and "--classifier" in err
+
+
+def test_calibration_without_a_walk_fails_naming_refiners(tmp_path):
+    cfg = load_config(overrides=[f"output={tmp_path}", "refiners=[crf]"])
+    with pytest.raises(ConfigError, match="refiners: .*no random_walk"):
+        calibrate.run(cfg)

@@ -18,8 +18,9 @@ from wsss.classifier import (
     train_classifier,
 )
 from wsss.metrics import mean_average_precision
+from wsss.networks import initial_network
 from wsss.synthetic import SyntheticParams, render_sample
-from wsss.training import OptimParams, shuffled_batches
+from wsss.training import OptimParams, param_groups, shuffled_batches
 from wsss.transforms import AugmentParams
 
 torch.set_num_threads(1)
@@ -49,7 +50,7 @@ def test_logits_are_pooled_score_maps_at_stride_16(pooling):
 
 def test_param_groups_cover_trainable_parameters_once_with_head_faster():
     model = Classifier(3, RESNET18)
-    groups = model.param_groups(0.01)
+    groups = param_groups(model, 0.01, head_lr_mult=10.0)
     assert [g["lr"] for g in groups] == [0.01, pytest.approx(0.1)]
     assert groups[1]["params"] == [model.head.weight]
     ids = [id(p) for g in groups for p in g["params"]]
@@ -57,10 +58,11 @@ def test_param_groups_cover_trainable_parameters_once_with_head_faster():
     frozen = Classifier(
         3, ClassifierParams(backbone={"name": "resnet18", "freeze_batchnorm": True})
     )
-    frozen_ids = {id(p) for g in frozen.param_groups(0.01, head_lr_mult=2.0) for p in g["params"]}
+    frozen_groups = param_groups(frozen, 0.01, head_lr_mult=2.0)
+    frozen_ids = {id(p) for g in frozen_groups for p in g["params"]}
     assert id(frozen.backbone.bn1.weight) not in frozen_ids
     assert id(frozen.backbone.conv1.weight) in frozen_ids
-    assert frozen.param_groups(0.01, head_lr_mult=2.0)[1]["lr"] == pytest.approx(0.02)
+    assert frozen_groups[1]["lr"] == pytest.approx(0.02)
     with pytest.raises(ValueError, match="n_classes"):
         Classifier(0, RESNET18)
 
@@ -106,16 +108,17 @@ def test_classification_batches_shapes_order_and_targets():
 
 def test_train_classifier_rejects_bad_samples_naming_the_row():
     good = (np.zeros((32, 32, 3), np.uint8), [1])
-    args = (2, RESNET18, AugmentParams(), OptimParams(epochs=1))
+    model = Classifier(2, RESNET18)
+    args = (AugmentParams(), OptimParams(epochs=1))
     with pytest.raises(ValueError, match=r"samples\[1\]: label 3 is not"):
-        train_classifier([good, (good[0], [3])], *args, seed=0)
+        train_classifier(model, [good, (good[0], [3])], *args, seed=0)
     with pytest.raises(ValueError, match=r"samples\[0\]: image must be a uint8"):
-        train_classifier([(np.zeros((32, 32), np.uint8), [1]), good], *args, seed=0)
+        train_classifier(model, [(np.zeros((32, 32), np.uint8), [1]), good], *args, seed=0)
     with pytest.raises(ValueError, match="no training samples"):
-        train_classifier([], *args, seed=0)
+        train_classifier(model, [], *args, seed=0)
 
 
-def test_train_classifier_loads_backbone_weights_from_params(tmp_path):
+def test_initial_classifier_loads_backbone_weights_from_params(tmp_path):
     torch.manual_seed(3)
     state = torchvision.models.resnet18(weights=None).state_dict()
     path = tmp_path / "resnet18.pth"
@@ -125,9 +128,8 @@ def test_train_classifier_loads_backbone_weights_from_params(tmp_path):
     )
     samples = [(np.full((32, 32, 3), 100 * i, np.uint8), [i + 1]) for i in range(2)]
     model = train_classifier(
+        initial_network("classifier", params, 2, seed=0),
         samples,
-        2,
-        params,
         AugmentParams(resize_long=(32, 32), crop_size=32),
         OptimParams(epochs=1, lr=1e-12, weight_decay=0.0),
         seed=0,
@@ -157,9 +159,8 @@ def test_small_classifier_learns_synthetic_classes_on_cpu():
     held_out = [render_sample(1000, i, SYNTHETIC) for i in range(200)]
     start = time.perf_counter()
     model = train_classifier(
+        initial_network("classifier", RESNET18, SYNTHETIC.n_classes, seed=0),
         [(s.image, s.labels) for s in train],
-        SYNTHETIC.n_classes,
-        RESNET18,
         AugmentParams(resize_long=(64, 80), crop_size=72),
         # From random init AdamW learns much faster than the method's SGD (see OptimParams).
         OptimParams(algorithm="adamw", epochs=3, batch_size=8, lr=1e-3, head_lr_mult=1.0),

@@ -41,12 +41,29 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("classifier.model.backbone.name=resnet7", "classifier.model.backbone.name"),
         ("storage.s3_max_attempts=0", "storage.s3_max_attempts"),
         ("dataset.typo_field=1", "dataset.typo_field"),
+        ("refiners=[random_walk, densecrf]", "refiners"),
+        ("refiners=[crf, crf]", "refiners"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as exc:
         load_config(overrides=[override])
     assert field in str(exc.value)
+
+
+def test_the_method_follows_the_configured_refiners():
+    default = RunConfig()
+    assert default.stages == ("cam", "random_walk", "crf")
+    assert default.networks == ("classifier", "affinity")
+    crf_only = load_config(overrides=["refiners=[crf]"])
+    assert crf_only.stages == ("cam", "crf") and crf_only.networks == ("classifier",)
+    assert crf_only.hash() != default.hash()
+    with pytest.raises(ConfigError, match=r"unknown refiner.*'densecrf'.*registered"):
+        load_config(overrides=["refiners=[densecrf]"])
+    # Each registered refiner has its section, and the schema lists the names.
+    schema = RunConfig.model_json_schema()
+    assert {"random_walk", "crf"} <= set(schema["properties"])
+    assert "crf, random_walk" in schema["properties"]["refiners"]["description"]
 
 
 def test_radius_must_agree_between_labels_and_network():

@@ -23,12 +23,14 @@ from wsss.synthetic import SyntheticParams
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 6
+DEFAULT_STAGES = ("cam", "random_walk", "crf")
 VERSION = "v0test"
 
 
-def write_shard(out: Path, data_dir: Path, predict) -> None:
-    """One labels/ file of model version VERSION: for each image, the final mask and the CAM
-    mask are the ground truth and the walk's mask is `predict(ground truth)`."""
+def write_shard(out: Path, data_dir: Path, predict, stages=DEFAULT_STAGES) -> None:
+    """One labels/ file of model version VERSION of a method with `stages`: for each image, the
+    final mask and the CAM mask are the ground truth and the walk's mask (when the method has a
+    walk) is `predict(ground truth)`."""
     rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
     classes = (data_dir / "classes.txt").read_text().split()
     records = []
@@ -45,13 +47,14 @@ def write_shard(out: Path, data_dir: Path, predict) -> None:
                 "confidence": 1.0,
                 "ignore_fraction": float((truth == IGNORE_INDEX).mean()),
                 "mask_cam": encode_mask(truth),
-                "mask_rw": encode_mask(predict(truth)),
+                **({"mask_rw": encode_mask(predict(truth))} if "random_walk" in stages else {}),
                 "model_version": VERSION,
                 "config_hash": "test",
                 "created_at": datetime.now(UTC),
             }
         )
-    table = pa.Table.from_pylist(records, schema=shards.file_schema(shards.LABELS, classes))
+    schema = shards.file_schema(shards.LABELS, classes, stages)
+    table = pa.Table.from_pylist(records, schema=schema)
     path = out / shards.LABELS / shards.shard_name(VERSION, "run", 0)
     path.parent.mkdir(parents=True)
     pq.write_table(table, path)
@@ -63,12 +66,13 @@ def data_dir(tmp_path) -> Path:
     return synthetic.generate(tmp_path / "data", N_IMAGES, 5, params).parent
 
 
-def config(data_dir: Path, tmp_path: Path):
+def config(data_dir: Path, tmp_path: Path, *extra: str):
     return load_config(
         overrides=[
             f"dataset.manifest={data_dir / 'manifest.jsonl'}",
             f"output={tmp_path / 'runs'}",
             "evaluate.gallery_images=4",
+            *extra,
         ]
     )
 
@@ -131,6 +135,19 @@ def test_ground_truth_as_labels_scores_one_and_the_gallery_shows_it(
         assert np.asarray(Image.open(folder / name)).ndim == 3
     assert page.count("(final mIoU 100)") == 4  # the final masks are the ground truth
     assert "background" in page and "ignore (255)" in page
+
+
+def test_the_stages_evaluated_are_the_configured_methods(ray_cluster, data_dir, tmp_path):
+    """A method without the walk (refiners: [crf]) has shards without mask_rw: its evaluation
+    has the rows cam and crf, and the class report's final stage is the CRF's."""
+    out = tmp_path / "out"
+    write_shard(out, data_dir, all_background, stages=("cam", "crf"))
+    cfg = config(data_dir, tmp_path, "refiners=[crf]", "evaluate.gallery_images=0")
+    assert cfg.stages == ("cam", "crf")
+    result = evaluate.run(cfg, str(out), model_version=VERSION, log=lambda _: None)
+    assert list(result["stages"]) == ["cam", "crf"]
+    assert result["stages"]["crf"]["miou"] == 1.0 and result["stages"]["cam"]["miou"] == 1.0
+    assert all(set(entry["area"]) == {"cam", "crf"} for entry in result["class_report"])
 
 
 def test_all_ignore_ground_truth_reports_nothing_evaluated(ray_cluster, data_dir, tmp_path):

@@ -29,13 +29,12 @@ from pipelines import label, label_rows, reader, shards, storage
 from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
-    load_affinity_net,
-    load_classifier,
+    load_network,
     record_uri,
     save_model,
 )
 from pipelines.train import InsufficientResourcesError
-from wsss import labeling, synthetic
+from wsss import synthetic
 from wsss.affinity import AffinityNet
 from wsss.classifier import Classifier
 from wsss.imageio import decode_mask, read_image
@@ -170,14 +169,15 @@ def test_every_input_row_ends_in_labels_or_errors_with_the_shard_schema(cfg, fir
     assert summary["skipped_by_reason"] == {"duplicate": 1}
     assert summary["input"] == summary["labelled"] + summary["errors"] + summary["skipped"]
     assert summary["config_hash"] == cfg.hash() and len(summary["model_version"]) == 16
-    assert summary["images_per_s"] > 0 and any("Walker" in name for name in summary["stages"])
+    assert summary["images_per_s"] > 0 and any("ModelActor" in name for name in summary["stages"])
     saved = json.loads(storage.read_bytes(f"{cfg.run_uri}/label_summary.json", cfg.storage))
     assert saved == summary
     per_run = f"{cfg.run_uri}/label_runs/{summary['run_id']}.json"
     assert json.loads(storage.read_bytes(per_run, cfg.storage)) == summary
 
     labels, errors = rows(cfg, "labels"), rows(cfg, "errors")
-    assert labels.schema.remove_metadata() == shards.LABELS_SCHEMA
+    assert labels.schema.remove_metadata() == shards.labels_schema(cfg.stages)
+    assert summary["method_stages"] == ["cam", "random_walk", "crf"]
     assert errors.schema.remove_metadata() == shards.ERRORS_SCHEMA
     metadata = labels.schema.metadata
     assert json.loads(metadata[b"wsss.classes"])[0] == "background"
@@ -212,28 +212,33 @@ def test_bad_inputs_become_error_rows_naming_stage_and_type(first_run, cfg):
 
 
 def test_masks_are_those_of_the_in_process_pipeline(first_run, cfg, data_dir):
-    classifier = load_classifier(f"{cfg.run_uri}/models/classifier.json", cfg)
-    affinity_net = load_affinity_net(f"{cfg.run_uri}/models/affinity.json", cfg)
+    networks = {n: load_network(f"{cfg.run_uri}/models/{n}.json", cfg, n) for n in cfg.networks}
+    labeler = cfg.labeler(networks)
     classes = (data_dir / "classes.txt").read_text().split()
     labelled = rows(cfg, "labels").to_pylist()
     assert len({row["mask"] for row in labelled}) > 1  # not one constant mask
     for row in labelled:
         image = read_image(data_dir / "images" / f"{row['image_id']}.png")
         indices = [classes.index(name) for name in row["labels"]]
-        walked = labeling.walk(image, indices, classifier, affinity_net, cfg.cam, cfg.random_walk)
-        expected = labeling.finish(image, walked, cfg.crf, cfg.pseudo_label)
+        expected = labeler.label(image, indices)
         np.testing.assert_array_equal(decode_mask(row["mask"]), expected.mask, row["image_id"])
         assert row["confidence"] == pytest.approx(expected.confidence, rel=1e-6)
 
 
 def test_second_run_adds_nothing_and_counts_every_row_skipped(first_run, cfg):
-    before = {kind: shards.shard_files(cfg.run_uri, kind, cfg.storage) for kind in shards.SCHEMAS}
+    before = {
+        kind: shards.shard_files(cfg.run_uri, kind, cfg.storage)
+        for kind in (shards.LABELS, shards.ERRORS)
+    }
     again = label.run(cfg, log=lambda _: None)
     assert (again["labelled"], again["errors"]) == (0, 0)
     assert again["skipped"] == again["input"] == INPUT_ROWS
     assert again["skipped_by_reason"] == {"already_done": INPUT_ROWS}
     assert again["model_version"] == first_run["model_version"]
-    after = {kind: shards.shard_files(cfg.run_uri, kind, cfg.storage) for kind in shards.SCHEMAS}
+    after = {
+        kind: shards.shard_files(cfg.run_uri, kind, cfg.storage)
+        for kind in (shards.LABELS, shards.ERRORS)
+    }
     assert after == before
 
 

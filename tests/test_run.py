@@ -12,11 +12,19 @@ from conftest import tiny_networks, upload_dataset
 from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
-from pipelines.run import marker_uri, run
+from pipelines.run import marker_uri, run, stage_sections
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
 
-pytestmark = pytest.mark.slow
+
+def test_the_stages_follow_the_networks_and_refiners_of_the_method():
+    default = stage_sections(load_config())
+    assert list(default) == ["train-classifier", "train-affinity", "label", "evaluate"]
+    assert default["label"][-5:] == ("refiners", "random_walk", "crf", "pseudo_label", "label")
+    crf_only = stage_sections(load_config(overrides=["refiners=[crf]"]))
+    assert list(crf_only) == ["train-classifier", "label", "evaluate"]
+    # Without the walk, AffinityNet's settings do not shape the labels.
+    assert "affinity" not in crf_only["label"] and "random_walk" not in crf_only["label"]
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +47,7 @@ def overrides(ray_cluster, s3_endpoint, tmp_path_factory) -> list[str]:
     return settings
 
 
+@pytest.mark.slow
 def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp_path):
     cfg = load_config(overrides=overrides)
     quiet = {"log": lambda _: None}
@@ -78,6 +87,19 @@ def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp
         storage.read_bytes(storage.join(cfg.run_uri, "label_summary.json"), cfg.storage)
     )
     assert summary["labelled"] + summary["errors"] == 8 and summary["force"]
+
+    # Another method, the CRF alone on the CAMs: no AffinityNet to train, the shards relabelled
+    # with its stages and evaluated by them.
+    crf_only = load_config(overrides=[*overrides, "crf.iterations=2", "refiners=[crf]"])
+    assert run(crf_only, **quiet) == {
+        "train-classifier": "skipped",
+        "label": "relabelled",
+        "evaluate": "done",
+    }
+    result = json.loads(
+        storage.read_bytes(storage.join(cfg.run_uri, "evaluation.json"), cfg.storage)
+    )
+    assert list(result["stages"]) == ["cam", "crf"]
 
     # A training setting changed: refused, naming the section (the checkpoints are the old ones).
     lr = load_config(overrides=[*overrides, "classifier.optim.lr=0.01"])

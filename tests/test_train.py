@@ -29,8 +29,7 @@ from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
     ModelRecord,
-    load_affinity_net,
-    load_classifier,
+    load_network,
     read_record,
     record_uri,
     write_record,
@@ -115,7 +114,7 @@ def test_two_worker_checkpoint_gives_the_cams_of_the_in_process_model(
     assert record.config_hash == cfg.hash()
     assert classifier_record.metrics["workers"] == 2
 
-    distributed = load_classifier(record_uri(cfg, "classifier"), cfg)
+    distributed = load_network(record_uri(cfg, "classifier"), cfg, "classifier")
     in_process = Classifier(3, cfg.classifier.model)
     in_process.load_state_dict(read_weights(record.weights_uri, cfg))
     in_process.eval()
@@ -219,7 +218,7 @@ def test_label_actor_gives_the_in_process_affinity_labels(cfg, classifier_record
     decoded = decode_rows(batch, cfg, skipped=None)  # all readable: nothing to report
     labelled = train_affinity.AffinityLabeler(record_uri(cfg, "classifier"), cfg)(decoded)
 
-    classifier = load_classifier(record_uri(cfg, "classifier"), cfg)
+    classifier = load_network(record_uri(cfg, "classifier"), cfg, "classifier")
     assert list(labelled["image_id"]) == [row.image_id for row in rows]
     for row, image, label_map in zip(rows, labelled["image"], labelled["label_map"], strict=True):
         labels = manifest.label_indices(row)
@@ -233,7 +232,7 @@ def test_affinity_net_trains_from_the_classifier_and_loads_from_its_record(
     cfg, overrides, classifier_record, data_dir
 ):
     initial = train_affinity.initial_affinity_net(record_uri(cfg, "classifier"), cfg)
-    classifier = load_classifier(record_uri(cfg, "classifier"), cfg)
+    classifier = load_network(record_uri(cfg, "classifier"), cfg, "classifier")
     for name, value in classifier.backbone.state_dict().items():
         assert torch.equal(initial.backbone.state_dict()[name], value), name
 
@@ -242,7 +241,7 @@ def test_affinity_net_trains_from_the_classifier_and_loads_from_its_record(
 
     assert record.stage == "affinity" and record.metrics["skipped_images"] == 2
     assert np.isfinite(record.metrics["loss"]) and record.metrics["samples"] == N_IMAGES - 2
-    distributed = load_affinity_net(record_uri(cfg, "affinity"), cfg)
+    distributed = load_network(record_uri(cfg, "affinity"), cfg, "affinity")
     in_process = AffinityNet(cfg.affinity.model)
     in_process.load_state_dict(read_weights(record.weights_uri, cfg))
     for image, _ in readable_images(data_dir, 2):
@@ -353,15 +352,15 @@ def test_model_record_rejects_changed_weights_and_other_stages(tmp_path):
     uri = record_uri(cfg, "classifier")
     write_record(record, uri, cfg)
     with pytest.raises(ValueError, match="sha256 .* does not match"):
-        load_classifier(uri, cfg)
+        load_network(uri, cfg, "classifier")
     with pytest.raises(ValueError, match="is for the classifier, not the affinity"):
-        load_affinity_net(uri, cfg)
+        load_network(uri, cfg, "affinity")
     # Weights that would run code when unpickled are refused even with a matching digest.
     torch.save({"head.weight": Path("not/a/tensor")}, weights)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
     write_record(record.model_copy(update={"weights_sha256": digest}), uri, cfg)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        load_classifier(uri, cfg)
+        load_network(uri, cfg, "classifier")
     Path(uri).write_text('{"stage": "classifier"}')
     with pytest.raises(ValueError, match=f"model record {uri}: checkpoint_uri: Field required"):
         read_record(uri, cfg)

@@ -181,12 +181,16 @@ def test_shuffled_batches_order_sizes_and_shared_rng():
     assert torch.cat([b["draw"] for b in batches]).tolist() == rng.random(7).tolist()
 
 
-class _LinearWithGroups(nn.Linear):
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
-        return [
-            {"params": [self.weight], "lr": lr},
-            {"params": [self.bias], "lr": lr * head_lr_mult},
-        ]
+class _Regression(nn.Module):
+    """A linear model whose weights stand for a backbone and whose bias for the new layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Linear(2, 1, bias=False)
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x) + self.bias
 
 
 def _train_regression(seed: int, on_epoch_end=None, seen: list | None = None) -> nn.Module:
@@ -203,7 +207,7 @@ def _train_regression(seed: int, on_epoch_end=None, seen: list | None = None) ->
     torch.manual_seed(0)
     params = OptimParams(epochs=20, batch_size=4, lr=0.1, head_lr_mult=1, weight_decay=0)
     return train_in_process(
-        _LinearWithGroups(2, 1),
+        _Regression(),
         samples,
         make_example,
         _mse_step_loss,
@@ -222,7 +226,7 @@ def test_train_in_process_learns_with_epochs_seeded_by_seed_and_epoch():
     assert all(m["steps"] == 3 and m["samples"] == 10 for m in history)  # ceil(10 / 4) batches
     assert history[-1]["loss"] < 0.01 * history[0]["loss"]
     torch.testing.assert_close(
-        model.weight.detach(), torch.tensor([[2.0, -1.0]]), atol=0.05, rtol=0
+        model.backbone.weight.detach(), torch.tensor([[2.0, -1.0]]), atol=0.05, rtol=0
     )
     # Epoch e visits the samples in the order drawn from default_rng([seed, e]).
     for epoch in (0, 7):
@@ -230,8 +234,8 @@ def test_train_in_process_learns_with_epochs_seeded_by_seed_and_epoch():
         assert seen[10 * epoch : 10 * (epoch + 1)] == order.tolist()
     same = _train_regression(3)
     other = _train_regression(4)
-    torch.testing.assert_close(same.weight, model.weight, atol=0, rtol=0)
-    assert not torch.equal(other.weight, model.weight)
+    torch.testing.assert_close(same.backbone.weight, model.backbone.weight, atol=0, rtol=0)
+    assert not torch.equal(other.backbone.weight, model.backbone.weight)
 
 
 def test_params_bounds():

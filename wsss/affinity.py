@@ -20,13 +20,13 @@ from PIL import Image
 from pydantic import Field, model_validator
 from torch import nn
 
-from wsss.backbone import BackboneParams, WeightsSource, backbone_from_params, load_backbone_weights
+from wsss.backbone import BackboneParams, backbone_from_params
 from wsss.cam import otsu_threshold
 from wsss.crf import CrfParams, dense_crf
 from wsss.imageio import IGNORE_INDEX
 from wsss.neighbourhood import offsets, shifted
 from wsss.params import Params
-from wsss.training import Batch, EpochEnd, OptimParams, train_in_process
+from wsss.training import Batch, EpochEnd, OptimParams, check_samples, train_in_process
 from wsss.transforms import AugmentParams, augment, check_image, normalize
 
 # --- stage 3: affinity labels -----------------------------------------------------------------
@@ -288,14 +288,6 @@ class AffinityNet(nn.Module):
         is off the grid (pair labels and the random walk skip those)."""
         return torch.exp(-PairwiseL1.apply(f, self.params.radius))
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
-        """Optimizer groups: trainable backbone parameters at `lr`, the new layers faster."""
-        new_layers = [*self.projections.parameters(), *self.mix.parameters()]
-        return [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
-            {"params": new_layers, "lr": lr * head_lr_mult},
-        ]
-
 
 def affinity_loss(
     aff: torch.Tensor, bg_pos: torch.Tensor, fg_pos: torch.Tensor, neg: torch.Tensor
@@ -358,54 +350,36 @@ def affinity_example(
     }
 
 
-def _check_samples(samples: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
-    if len(samples) == 0:
-        raise ValueError("no training samples")
-    for i, (image, label_map) in enumerate(samples):
-        try:
-            check_image(image)
-        except ValueError as err:
-            raise ValueError(f"samples[{i}]: {err}") from None
-        shape = getattr(label_map, "shape", None)
-        if not isinstance(label_map, np.ndarray) or label_map.dtype != np.uint8:
-            raise ValueError(
-                f"samples[{i}]: label map must be a uint8 array, got {label_map!r:.60}"
-            )
-        if shape != image.shape[:2]:
-            raise ValueError(
-                f"samples[{i}]: label map shape {shape} differs from the image's {image.shape[:2]}"
-            )
+def _check_sample(sample: tuple[np.ndarray, np.ndarray]) -> None:
+    image, label_map = sample
+    check_image(image)
+    if not isinstance(label_map, np.ndarray) or label_map.dtype != np.uint8:
+        raise ValueError(f"label map must be a uint8 array, got {label_map!r:.60}")
+    if label_map.shape != image.shape[:2]:
+        raise ValueError(
+            f"label map shape {label_map.shape} differs from the image's {image.shape[:2]}"
+        )
 
 
 def train_affinity_net(
+    model: AffinityNet,
     samples: Sequence[tuple[np.ndarray, np.ndarray]],
-    params: AffinityNetParams,
     augment_params: AugmentParams,
     optim_params: OptimParams,
     seed: int,
     device: torch.device | str | None = None,
-    backbone_state: WeightsSource | None = None,
     on_epoch_end: EpochEnd | None = None,
 ) -> AffinityNet:
-    """Train AffinityNet in this process on (image uint8 (H, W, 3), affinity label map uint8
-    (H, W)) samples, label maps at image resolution (`affinity_label_map` on full-size CAMs).
-
-    The backbone starts from `backbone_state` (e.g. the trained classifier's
-    `backbone.state_dict()`) when given, else from `params.backbone.weights` when set, else at
-    random. Epoch e's shuffling and augmentation depend only on (seed, e). Returns the model in
-    eval mode.
-    """
-    _check_samples(samples)
-    torch.manual_seed(seed)
-    model = AffinityNet(params)
-    weights = backbone_state if backbone_state is not None else params.backbone.weights
-    if weights is not None:
-        load_backbone_weights(model.backbone, weights)
+    """Train `model` (`wsss.networks.initial_network`, its backbone e.g. the trained
+    classifier's) in this process on (image uint8 (H, W, 3), affinity label map uint8 (H, W))
+    samples, label maps at image resolution (`affinity_label_map` on full-size CAMs). Epoch e's
+    shuffling and augmentation depend only on (seed, e). Returns the model in eval mode."""
+    check_samples(samples, _check_sample)
 
     def make_example(
         sample: tuple[np.ndarray, np.ndarray], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        return affinity_example(*sample, rng, augment_params, params.feature_stride)
+        return affinity_example(*sample, rng, augment_params, model.stride)
 
     return train_in_process(
         model, samples, make_example, affinity_step_loss, optim_params, seed, device, on_epoch_end

@@ -2,8 +2,9 @@
 
 A user with a few dozen masked images can pick the settings that the label-free defaults only
 guess (the CAM stage's background, the walk's beta, length and background). The networks and
-their outputs (CAMs, affinities) do not depend on those settings, so they are computed once per
-image (`CalibrationImage`) and every candidate only reruns the walk, the CRF and the scoring.
+their outputs (CAMs; what each refiner prepares, e.g. the affinities) do not depend on those
+settings, so they are computed once per image (`CalibrationImage`) and every candidate only
+reruns the refiners and the scoring.
 The affinity labels' thresholds are not among them: each value would need AffinityNet trained
 anew. The search itself (Ray Tune) is the pipelines' business.
 """
@@ -12,17 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
 
 from wsss import labeling
-from wsss.affinity import AffinityNet
-from wsss.cam import CONSTANT_BACKGROUNDS, BackgroundParams, CamParams
-from wsss.crf import CrfParams
+from wsss.cam import CONSTANT_BACKGROUNDS, BackgroundParams
 from wsss.metrics import ConfusionMatrix
-from wsss.pseudo_label import PseudoLabelParams
-from wsss.random_walk import RandomWalkParams
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,7 @@ class CalibrationImage:
     labels: tuple[int, ...]  # class indices 1..K
     mask: np.ndarray  # ground truth (H, W), 255 = ignore
     cams_fg: np.ndarray  # (K, H, W) CAMs of the image's classes
-    affinity: torch.Tensor  # (P, h, w) AffinityNet's affinities
+    prepared: dict[str, Any]  # each refiner's `prepare(image)` by name (`Labeler.prepare`)
 
 
 def best_cam_background(
@@ -53,32 +50,19 @@ def best_cam_background(
 
 
 def refinement_miou(
-    images: Sequence[CalibrationImage],
-    n_classes: int,
-    affinity_net: AffinityNet,
-    cam_params: CamParams,
-    walk_params: RandomWalkParams,
-    crf_params: CrfParams,
-    pl_params: PseudoLabelParams,
+    images: Sequence[CalibrationImage], n_classes: int, labeler: labeling.Labeler
 ) -> dict[str, float]:
-    """mIoU of the random walk's and the final (CRF) masks over `images` with these settings,
-    from their stored CAMs and affinities: {"random_walk": ..., "final": ...}."""
-    walk_matrix, final_matrix = ConfusionMatrix(n_classes), ConfusionMatrix(n_classes)
+    """mIoU over `images` of each refiner's masks and of the final pseudo-labels with the
+    settings of `labeler`, from the stored CAMs and prepared inputs: {stage: ..., "final": ...}."""
+    stages = labeler.stages[1:]
+    matrices = {name: ConfusionMatrix(n_classes) for name in (*stages, "final")}
     for item in images:
-        walked = labeling.walk(
+        out = labeler.finish(
             item.image,
-            item.labels,
-            None,  # the CAMs are given: no classifier needed
-            affinity_net,
-            cam_params,
-            walk_params,
-            cams_fg=item.cams_fg,
-            affinity=item.affinity,
+            labeler.seed(item.image, item.labels, item.cams_fg, item.prepared),
+            item.prepared,
         )
-        out = labeling.finish(item.image, walked, crf_params, pl_params)
-        walk_matrix.update(out.rw_mask, item.mask)
-        final_matrix.update(out.mask, item.mask)
-    return {
-        "random_walk": float(np.nan_to_num(walk_matrix.miou(), nan=0.0)),
-        "final": float(np.nan_to_num(final_matrix.miou(), nan=0.0)),
-    }
+        for stage in stages:
+            matrices[stage].update(out.masks[stage], item.mask)
+        matrices["final"].update(out.mask, item.mask)
+    return {name: float(np.nan_to_num(m.miou(), nan=0.0)) for name, m in matrices.items()}

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wsss.backbone import BackboneParams, backbone_from_params, load_backbone_weights
+from wsss.backbone import BackboneParams, backbone_from_params
 from wsss.params import Params
-from wsss.training import Batch, EpochEnd, OptimParams, train_in_process
+from wsss.training import Batch, EpochEnd, OptimParams, check_samples, train_in_process
 from wsss.transforms import AugmentParams, augment, check_image, normalize
 
 Pooling = Callable[[torch.Tensor], torch.Tensor]
@@ -64,13 +64,6 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.score_maps(x))
 
-    def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
-        """Optimizer groups: trainable backbone parameters at `lr`, the new head faster."""
-        return [
-            {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr},
-            {"params": list(self.head.parameters()), "lr": lr * head_lr_mult},
-        ]
-
 
 def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Multi-label soft-margin loss of logits (B, K) against multi-hot targets (B, K)."""
@@ -107,38 +100,25 @@ def classification_example(
     return {"image": augmented, "targets": multi_hot(labels, n_classes)}
 
 
-def _check_samples(samples: Sequence[tuple[np.ndarray, Sequence[int]]], n_classes: int) -> None:
-    if len(samples) == 0:
-        raise ValueError("no training samples")
-    for i, (image, labels) in enumerate(samples):
-        try:
-            check_image(image)
-            multi_hot(labels, n_classes)
-        except ValueError as err:
-            raise ValueError(f"samples[{i}]: {err}") from None
-
-
 def train_classifier(
+    model: Classifier,
     samples: Sequence[tuple[np.ndarray, Sequence[int]]],
-    n_classes: int,
-    classifier_params: ClassifierParams,
     augment_params: AugmentParams,
     optim_params: OptimParams,
     seed: int,
     device: torch.device | str | None = None,
     on_epoch_end: EpochEnd | None = None,
 ) -> Classifier:
-    """Train a classifier in this process on (image uint8 HWC, labels 1..K) samples.
+    """Train `model` (`wsss.networks.initial_network`) in this process on (image uint8 HWC,
+    labels 1..K) samples. Epoch e's shuffling and augmentation depend only on (seed, e).
+    Returns the model in eval mode."""
+    n_classes = model.n_classes
 
-    Backbone weights named by `classifier_params.backbone.weights` are loaded when given (a
-    local file or a torchvision weights name; URIs are the pipelines' business). Epoch e's
-    shuffling and augmentation depend only on (seed, e). Returns the model in eval mode.
-    """
-    _check_samples(samples, n_classes)
-    torch.manual_seed(seed)
-    model = Classifier(n_classes, classifier_params)
-    if classifier_params.backbone.weights is not None:
-        load_backbone_weights(model.backbone, classifier_params.backbone.weights)
+    def check(sample: tuple[np.ndarray, Sequence[int]]) -> None:
+        check_image(sample[0])
+        multi_hot(sample[1], n_classes)
+
+    check_samples(samples, check)
 
     def make_example(
         sample: tuple[np.ndarray, Sequence[int]], rng: np.random.Generator

@@ -1,48 +1,58 @@
-"""The method applied to one image: CAM -> random walk -> dense CRF -> pseudo-label.
+"""The method applied to one image: the CAM stage, then each configured refiner in order
+(`wsss.refiners`: e.g. the random walk, then the dense CRF), then the pseudo-label.
 
-Split in two at the point where a distributed job hands work from accelerator to CPU:
-`walk` runs the two networks (CAM and affinities) and the random walk, and returns small
-grid-resolution scores; `finish` upsamples them, runs the CRF and writes the masks. The in-process
-run and the Ray pipeline both call exactly these two functions, so they produce the same masks.
+`Labeler` splits the work in two at the point where a distributed job hands it from accelerator
+to CPU: `seed` runs the CAMs and the refiners that run beside the networks (`accelerated`, e.g.
+the walk with AffinityNet) and returns a small `Partial`; `finish` runs the remaining refiners
+(e.g. the CRF) and makes the final mask. The in-process run and the Ray pipeline both call
+exactly these two methods, so they produce the same masks.
 
-Channels: refined maps carry only the classes present in the image, channel 0 the background and
+Channels: scores carry only the classes present in the image, channel 0 the background and
 channel i the i-th labelled class (`channels` maps them back to class indices).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from wsss import random_walk
-from wsss.affinity import AffinityNet, predict_affinity
 from wsss.cam import BackgroundParams, CamParams, add_background, compute_cams
 from wsss.classifier import Classifier
-from wsss.crf import CrfParams, dense_crf
 from wsss.pseudo_label import PseudoLabelParams, finalize, normalize_scores
+from wsss.refiners import Refiner, Scores
+
+CAM_STAGE = "cam"  # the first stage of every method: the classifier's CAMs
+PSEUDO_LABEL_STAGE = "pseudo_label"  # what a failure making the final mask is recorded as
 
 
 @dataclass(frozen=True)
-class Walked:
-    """What the accelerator stage hands to the CPU stage for one image."""
+class Partial:
+    """What the accelerator part hands to the CPU part for one image: the latest scores, the
+    mask of each stage done so far, and how many refiners are done."""
 
-    channels: tuple[int, ...]  # class index of each channel, background first
-    cam_mask: np.ndarray  # (H, W) uint8: argmax of the CAMs with the constant background
-    rw_scores: np.ndarray  # (C, h, w) float32 random-walk scores on the affinity grid
-    stride: int  # of the affinity grid
+    scores: Scores
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    refined: int = 0  # -1: a background-only image, which has nothing to refine
 
 
 @dataclass(frozen=True)
 class Labelled:
-    cam_mask: np.ndarray  # (H, W) uint8 class indices
-    rw_mask: np.ndarray  # (H, W) uint8 class indices
+    masks: dict[str, np.ndarray]  # stage -> (H, W) uint8 class indices, in stage order
     mask: np.ndarray  # (H, W) uint8 final pseudo-label, 255 = ignore
     confidence: float
     ignore_fraction: float
+
+
+class StageError(RuntimeError):
+    """A stage failed on one image; `stage` names it, the cause is chained (`__cause__`)."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"{stage}: {type(cause).__name__}: {cause}")
+        self.stage = stage
 
 
 def cam_mask(cams_fg: np.ndarray, background: BackgroundParams) -> np.ndarray:
@@ -50,81 +60,100 @@ def cam_mask(cams_fg: np.ndarray, background: BackgroundParams) -> np.ndarray:
     return add_background(cams_fg, background).argmax(axis=0).astype(np.uint8)
 
 
-def grid_scores(scores: torch.Tensor, stride: int) -> torch.Tensor:
-    """Average-pool full-resolution scores (C, H, W) onto the stride grid (C, ceil(H/s),
-    ceil(W/s)) that covers the image padded to a multiple of s, as AffinityNet's grid does.
-    Padding replicates the border so edge cells are not diluted."""
-    height, width = scores.shape[-2:]
-    pad = (0, -width % stride, 0, -height % stride)
-    padded = F.pad(scores[None], pad, mode="replicate") if any(pad) else scores[None]
-    return F.avg_pool2d(padded, stride)[0]
+class Labeler:
+    """The configured method: `classifier` (None when the caller always passes the CAMs) with
+    `cam_params`, the `refiners` in order, and `pl_params` for the final mask."""
 
-
-@torch.no_grad()
-def walk(
-    image: np.ndarray,
-    labels: Sequence[int],
-    classifier: Classifier | None,
-    affinity_net: AffinityNet,
-    cam_params: CamParams,
-    rw_params: random_walk.RandomWalkParams,
-    cams_fg: np.ndarray | None = None,
-    affinity: torch.Tensor | None = None,
-) -> Walked:
-    """CAMs, affinities and the random walk for one uint8 (H, W, 3) image with class indices
-    `labels` (1..K). Runs on the models' device; returns CPU numpy arrays. `cams_fg` (K, H, W)
-    and `affinity` (P, h, w) skip computing them when the caller has them already (then
-    `classifier` may be None)."""
-    labels = sorted(set(int(c) for c in labels))
-    channels = (0, *labels)
-    stride = affinity_net.stride
-    if not labels:  # a background-only image: nothing to compute
-        grid = tuple(-(-side // stride) for side in image.shape[:2])
-        return Walked(
-            channels, np.zeros(image.shape[:2], np.uint8), np.ones((1, *grid), np.float32), stride
+    def __init__(
+        self,
+        classifier: Classifier | None,
+        cam_params: CamParams,
+        refiners: Sequence[Refiner],
+        pl_params: PseudoLabelParams,
+    ) -> None:
+        self.classifier = classifier
+        self.cam_params = cam_params
+        self.refiners = list(refiners)
+        self.pl_params = pl_params
+        # The refiners run beside the networks up to the first one that runs on CPUs.
+        self.split = next(
+            (i for i, r in enumerate(self.refiners) if not r.accelerated), len(self.refiners)
         )
-    if cams_fg is None:
-        if classifier is None:
-            raise ValueError("walk needs the classifier or the CAMs (cams_fg)")
-        cams_fg = compute_cams(classifier, image, labels, cam_params)
-    fg = torch.from_numpy(cams_fg[[c - 1 for c in labels]])
-    background = rw_params.background
-    device = next(affinity_net.parameters()).device
-    if affinity is None:
-        affinity = predict_affinity(affinity_net, image)
-    affinity = affinity.to(device)
-    # PSA ("power") walks the background as a channel of its own; IRN ("threshold") walks the
-    # classes alone, rescales each to peak at 1 and then sets the constant background.
-    power = background.method == "power"
-    seeds = grid_scores((add_background(fg, background) if power else fg).to(device), stride)
-    walked = random_walk.propagate(seeds, affinity, affinity_net.params.radius, rw_params)
-    if not power:
-        walked = walked / walked.amax(dim=(1, 2), keepdim=True).clamp_min(1e-5)
-        walked = add_background(walked, background)
-    return Walked(
-        channels=channels,
-        cam_mask=cam_mask(cams_fg, cam_params.background),
-        rw_scores=walked.float().cpu().numpy(),
-        stride=stride,
-    )
 
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stage names in order: "cam", then each refiner's."""
+        return (CAM_STAGE, *(r.name for r in self.refiners))
 
-def finish(
-    image: np.ndarray, walked: Walked, crf_params: CrfParams, pl_params: PseudoLabelParams
-) -> Labelled:
-    """Upsample the walk to the image, run the dense CRF and make the final mask."""
-    height, width = image.shape[:2]
-    scores = random_walk.upsample(
-        torch.from_numpy(walked.rw_scores), walked.stride, (height, width)
-    )
-    scores = scores.clamp_min(0).numpy()
-    channels = np.asarray(walked.channels, dtype=np.uint8)
-    probs = dense_crf(image, normalize_scores(scores), crf_params)
-    mask, confidence, ignore_fraction = finalize(probs, walked.channels, pl_params)
-    return Labelled(
-        cam_mask=walked.cam_mask,
-        rw_mask=channels[scores.argmax(axis=0)],
-        mask=mask,
-        confidence=confidence,
-        ignore_fraction=ignore_fraction,
-    )
+    def prepare(self, image: np.ndarray) -> dict[str, Any]:
+        """Each refiner's `prepare(image)` by name: what does not depend on its params, for a
+        caller that labels one image with many settings (calibration)."""
+        return {r.name: r.prepare(image) for r in self.refiners}
+
+    @torch.no_grad()
+    def seed(
+        self,
+        image: np.ndarray,
+        labels: Sequence[int],
+        cams_fg: np.ndarray | None = None,
+        prepared: Mapping[str, Any] | None = None,
+    ) -> Partial:
+        """The CAMs of uint8 (H, W, 3) `image` with class indices `labels` (1..K) and the
+        accelerated refiners after them. `cams_fg` (K, H, W) skips computing the CAMs;
+        `prepared` maps a refiner's name to its `prepare(image)`, computed once by a caller
+        that labels an image many times."""
+        labels = sorted(set(int(c) for c in labels))
+        size = image.shape[:2]
+        if not labels:  # a background-only image: nothing to compute or refine
+            return Partial(Scores((0,), np.ones((1, *size), np.float32)), refined=-1)
+        if cams_fg is None and self.classifier is None:
+            raise ValueError("a Labeler without a classifier needs the CAMs (cams_fg)")
+        try:
+            if cams_fg is None:
+                cams_fg = compute_cams(self.classifier, image, labels, self.cam_params)
+            fg = cams_fg[[c - 1 for c in labels]]
+            scores = Scores((0, *labels), add_background(fg, self.cam_params.background))
+            partial = Partial(scores, {CAM_STAGE: cam_mask(cams_fg, self.cam_params.background)})
+        except Exception as exc:  # e.g. out of memory on a huge image
+            raise StageError(CAM_STAGE, exc) from exc
+        return self._refine(image, partial, self.split, prepared)
+
+    def finish(
+        self, image: np.ndarray, partial: Partial, prepared: Mapping[str, Any] | None = None
+    ) -> Labelled:
+        """The remaining refiners and the final mask from the last stage's scores."""
+        partial = self._refine(image, partial, len(self.refiners), prepared)
+        size = image.shape[:2]
+        if partial.refined < 0:  # background only: every stage's mask is background
+            masks = {stage: np.zeros(size, np.uint8) for stage in self.stages}
+        else:
+            masks = partial.masks
+        scores = partial.scores
+        try:
+            probs = scores.full_resolution(size)
+            if not scores.probabilities:
+                probs = normalize_scores(probs)
+            mask, confidence, ignore_fraction = finalize(probs, scores.channels, self.pl_params)
+        except Exception as exc:
+            raise StageError(PSEUDO_LABEL_STAGE, exc) from exc
+        return Labelled(masks, mask, confidence, ignore_fraction)
+
+    def label(
+        self, image: np.ndarray, labels: Sequence[int], cams_fg: np.ndarray | None = None
+    ) -> Labelled:
+        """Every stage of one image in this process."""
+        return self.finish(image, self.seed(image, labels, cams_fg))
+
+    def _refine(
+        self, image: np.ndarray, partial: Partial, until: int, prepared: Mapping[str, Any] | None
+    ) -> Partial:
+        if partial.refined < 0:
+            return partial
+        scores, masks = partial.scores, dict(partial.masks)
+        for refiner in self.refiners[partial.refined : until]:
+            try:
+                scores = refiner.refine(image, scores, (prepared or {}).get(refiner.name))
+                masks[refiner.name] = scores.mask(image.shape[:2])
+            except Exception as exc:
+                raise StageError(refiner.name, exc) from exc
+        return Partial(scores, masks, max(partial.refined, until))

@@ -54,6 +54,30 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """Optimizer groups of a network with a pretrained `backbone`: its trainable parameters at
+    `lr`, every other (new) layer's at `lr * head_lr_mult` (IRN trains its new layers 10x)."""
+    backbone = {id(p) for p in model.backbone.parameters()}
+    return [
+        {"params": [p for p in model.backbone.parameters() if p.requires_grad], "lr": lr},
+        {
+            "params": [p for p in model.parameters() if id(p) not in backbone],
+            "lr": lr * head_lr_mult,
+        },
+    ]
+
+
+def check_samples(samples: Sequence[Sample], check: Callable[[Sample], None]) -> None:
+    """Raise ValueError naming the first sample `check` rejects (or that there are none)."""
+    if len(samples) == 0:
+        raise ValueError("no training samples")
+    for i, sample in enumerate(samples):
+        try:
+            check(sample)
+        except ValueError as err:
+            raise ValueError(f"samples[{i}]: {err}") from None
+
+
 def make_optimizer(param_groups: list[dict], params: OptimParams) -> torch.optim.Optimizer:
     """SGD (or AdamW) over `param_groups` (groups without their own "lr" get `params.lr`).
 
@@ -203,12 +227,12 @@ def train_in_process(
     on_epoch_end: EpochEnd | None = None,
 ) -> Model:
     """Train `model` in this process for `optim_params.epochs` epochs of `shuffled_batches`, with
-    the poly schedule over all steps. `model` has a `param_groups(lr, head_lr_mult)` method.
+    the poly schedule over all steps; `model` has a `backbone` (`param_groups`).
     Epoch e's order and augmentation depend only on (seed, e). `device` defaults to
     `default_device()`. Returns the model in eval mode."""
     device = torch.device(device) if device is not None else default_device()
     optimizer = make_optimizer(
-        model.param_groups(optim_params.lr, optim_params.head_lr_mult), optim_params
+        param_groups(model, optim_params.lr, optim_params.head_lr_mult), optim_params
     )
     steps_per_epoch = math.ceil(len(samples) / optim_params.batch_size)
     scheduler = make_scheduler(optimizer, steps_per_epoch * optim_params.epochs, optim_params)
