@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError, RunConfig, load_config
-from wsss.dataset import ManifestError
+from pipelines.manifests import ManifestError
 from wsss.networks import NETWORKS
 
 if TYPE_CHECKING:

@@ -1,19 +1,18 @@
 """What a run reads besides images: the dataset manifest and pretrained backbone weights, from
 local paths or object storage.
 
-The parsing and validation rules are `wsss.dataset`'s; this module only fetches the bytes.
+The parsing and validation rules are `pipelines.manifests`'s; this module only fetches the bytes.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
 
-from pipelines import storage
+from pipelines import manifests, storage
 from pipelines.config import RunConfig
-from wsss import dataset
+from pipelines.manifests import Manifest, ManifestError
 from wsss.affinity import AffinityNetParams
 from wsss.classifier import ClassifierParams
-from wsss.dataset import Manifest, ManifestError
 
 
 def load_manifest(cfg: RunConfig) -> Manifest:
@@ -25,18 +24,18 @@ def load_manifest(cfg: RunConfig) -> Manifest:
             raise ManifestError(
                 f"{uri}: a VOC layout must be a local folder; convert it to a manifest"
             )
-        return dataset.read_voc(uri, cfg.dataset.voc_split)
+        return manifests.read_voc(uri, cfg.dataset.voc_split)
     if not storage.is_s3(uri):
-        return dataset.read_manifest(uri)
+        return manifests.read_manifest(uri)
     root = storage.parent(uri)
     classes_uri = storage.join(root, "classes.txt")
     try:
-        classes = dataset.parse_classes(storage.read_text(classes_uri, cfg.storage), classes_uri)
-        records = dataset.parse_records(storage.read_bytes(uri, cfg.storage), uri)
+        classes = manifests.parse_classes(storage.read_text(classes_uri, cfg.storage), classes_uri)
+        records = manifests.parse_records(storage.read_bytes(uri, cfg.storage), uri)
     except OSError as exc:
         raise ManifestError(f"cannot read manifest: {exc}") from exc
     try:
-        rows = dataset.parse_manifest_records(records, classes, root)
+        rows = manifests.parse_manifest_records(records, classes, root)
     except ManifestError as exc:
         raise ManifestError(exc.problems, f"{uri}: {len(exc.problems)} problem(s)") from None
     return Manifest(classes, rows, root)

@@ -51,12 +51,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from pipelines import label_rows, shards, storage
+from pipelines import label_rows, manifests, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
 from pipelines.storage import StorageConfig
-from wsss import dataset, labeling
+from wsss import labeling
 from wsss.imageio import encode_mask
 from wsss.training import default_device
 
@@ -66,13 +66,13 @@ from wsss.training import default_device
 def manifest_classes(cfg: RunConfig) -> list[str]:
     """The class list of the manifest: classes.txt beside it, or VOC's."""
     if cfg.dataset.voc_split is not None:
-        return list(dataset.VOC_CLASSES)
+        return list(manifests.VOC_CLASSES)
     uri = storage.join(storage.parent(cfg.dataset.manifest), "classes.txt")
     try:
         text = storage.read_text(uri, cfg.storage)
     except OSError as exc:
-        raise dataset.ManifestError(f"{uri}: cannot read the class list: {exc}") from exc
-    return dataset.parse_classes(text, uri)
+        raise manifests.ManifestError(f"{uri}: cannot read the class list: {exc}") from exc
+    return manifests.parse_classes(text, uri)
 
 
 def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
@@ -96,7 +96,7 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
     fs, path = storage.filesystem(uri, cfg.storage)
     info = fs.get_file_info(path)
     if info.type != pafs.FileType.File:
-        raise dataset.ManifestError(f"{uri}: manifest not found")
+        raise manifests.ManifestError(f"{uri}: manifest not found")
     root = storage.parent(uri) if storage.is_s3(uri) else posixpath.dirname(path)
     partitions = max(1, math.ceil(info.size / label_rows.MANIFEST_BYTES_PER_PARTITION))
     ext = posixpath.splitext(path)[1].lower()
@@ -105,13 +105,13 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
     elif ext in (".jsonl", ".json"):
         with fs.open_input_stream(path) as f:
             if f.read(4096).lstrip().startswith(b"["):
-                raise dataset.ManifestError(
+                raise manifests.ManifestError(
                     f"{uri}: a JSON array cannot be streamed; write the manifest as JSON Lines "
                     "(one object per line) or Parquet"
                 )
         read, step = ray.data.read_text(path, filesystem=fs), label_rows.rows_from_lines
     else:
-        raise dataset.ManifestError(
+        raise manifests.ManifestError(
             f"{uri}: unknown manifest format {ext!r}; use .jsonl, .json or .parquet"
         )
     rows = read.map_batches(step, fn_kwargs={"index": index, "root": root}, batch_format="pyarrow")
@@ -387,7 +387,7 @@ def run(
     records: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Label the manifest (`input_uri`, default dataset.manifest) into `out_uri` (default
+    """Label the manifest (`input_uri`, default manifests.manifest) into `out_uri` (default
     label.out, else the run folder) with the networks the method needs (`RunConfig.networks`)
     from the model records in `records` by network name (default: this run's). Returns the run
     summary, also written to `<out>/label_runs/<run_id>.json` and `<out>/label_summary.json`."""

@@ -28,9 +28,8 @@ import pyarrow.parquet as pq
 import ray
 from ray.data.block import BlockAccessor
 
-from pipelines import shards, storage
+from pipelines import manifests, shards, storage
 from pipelines.storage import StorageConfig
-from wsss import dataset
 from wsss.imageio import ImageDecodeError, decode_image
 
 # Outcome of a row: still being labelled (OK), failed, or skipped for one of two reasons.
@@ -102,12 +101,12 @@ def fail(row: dict, stage: str, exc: BaseException) -> None:
 
 def validate_record(record: object, index: dict[str, int], root: str, raw: str) -> dict:
     """One manifest record as a row: resolved image URI and labels (DESIGN §4.1 rules of
-    `wsss.dataset`), or an error row naming every problem. `raw` is the record's text: a row
+    `pipelines.manifests`), or an error row naming every problem. `raw` is the record's text: a row
     without a usable image_id or image is identified by its hash, so a re-run finds it again."""
     problems: list[str] = []
     parsed = None
     if isinstance(record, dict):
-        parsed = dataset.parse_record(record, index, root, problems)
+        parsed = manifests.parse_record(record, index, root, problems)
     else:
         problems.append(f"expected a JSON object, got {type(record).__name__}")
     if parsed is not None:

@@ -22,12 +22,12 @@ from pipelines import storage
 from pipelines.config import RunConfig
 from pipelines.evaluate import CLASS_REPORT_TITLE, format_table, round_metric, stage_result
 from pipelines.inputs import load_manifest, resolve_weights
+from pipelines.manifests import Manifest
 from wsss import labeling
 from wsss.affinity import affinity_label_map, train_affinity_net
 from wsss.cam import CONSTANT_BACKGROUNDS, compute_cams
 from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
 from wsss.classifier import image_scores, train_classifier
-from wsss.dataset import Manifest
 from wsss.imageio import decode_image, decode_mask
 from wsss.metrics import ConfusionMatrix, mean_average_precision
 from wsss.networks import initial_network

@@ -36,6 +36,7 @@ from torch import nn
 
 from pipelines import storage
 from pipelines.config import ConfigError, RunConfig
+from pipelines.manifests import Manifest
 from pipelines.model_record import (
     META_FILE,
     TRAIN_STATE_FILE,
@@ -48,7 +49,6 @@ from pipelines.model_record import (
 )
 from wsss.affinity import AffinityNetParams
 from wsss.classifier import ClassifierParams
-from wsss.dataset import Manifest
 from wsss.imageio import ImageDecodeError, decode_image
 from wsss.training import (
     Batch,

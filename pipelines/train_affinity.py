@@ -19,6 +19,7 @@ import ray
 
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
+from pipelines.manifests import Manifest
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uri
 from pipelines.train import (
     check_resources,
@@ -30,7 +31,6 @@ from pipelines.train import (
 )
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
 from wsss.cam import compute_cams
-from wsss.dataset import Manifest
 from wsss.networks import initial_network
 from wsss.training import default_device
 from wsss.transforms import AugmentParams

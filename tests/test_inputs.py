@@ -7,10 +7,10 @@ import torchvision
 
 from pipelines import inputs
 from pipelines.config import load_config
+from pipelines.manifests import ManifestError
 from wsss import synthetic
 from wsss.backbone import BackboneParams, build_backbone, load_backbone_weights
 from wsss.classifier import ClassifierParams
-from wsss.dataset import ManifestError
 from wsss.synthetic import SyntheticParams
 
 

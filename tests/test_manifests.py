@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from wsss.dataset import (
+from pipelines.manifests import (
     VOC_CLASSES,
     Manifest,
     ManifestError,
