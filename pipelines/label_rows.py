@@ -1,6 +1,6 @@
 """The labeling job's rows and the steps that move them without a model: the rows' schemas and
 outcomes, manifest validation, the anti-join against earlier runs, fetching and decoding images,
-and the shard sink (DESIGN §4.2).
+and the shard sink (docs/output.md).
 
 Nothing here imports torch, directly or through what it imports (`tests/test_label.py` checks):
 Ray runs these steps in its task workers, which then start in under two seconds and stay small
@@ -100,7 +100,7 @@ def fail(row: dict, stage: str, exc: BaseException) -> None:
 
 
 def validate_record(record: object, index: dict[str, int], root: str, raw: str) -> dict:
-    """One manifest record as a row: resolved image URI and labels (DESIGN §4.1 rules of
+    """One manifest record as a row: resolved image URI and labels (the rules of docs/output.md,
     `pipelines.manifests`), or an error row naming every problem. `raw` is the record's text: a row
     without a usable image_id or image is identified by its hash, so a re-run finds it again."""
     problems: list[str] = []

@@ -1,4 +1,4 @@
-"""Dataset manifests (DESIGN §4.1): the class list, one row per image, and the PASCAL VOC layout.
+"""Dataset manifests: the class list, one row per image, and the PASCAL VOC layout.
 
 Parsing works on text, bytes and dicts so the pipelines layer can fetch a manifest from anywhere
 (local or S3) and hand it over; `read_manifest` and `read_voc` are the local-file conveniences.

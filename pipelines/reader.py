@@ -1,5 +1,5 @@
 """Pseudo-labels for segmentation training: the shards' rows with their images fetched and
-their masks decoded (DESIGN §4.2). `read_pseudo_labels` gives a Ray Dataset, for a Ray training
+their masks decoded (docs/output.md). `read_pseudo_labels` gives a Ray Dataset, for a Ray training
 job; `PseudoLabelDataset` a `torch.utils.data.Dataset` doing the same per index.
 """
 

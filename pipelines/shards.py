@@ -1,4 +1,4 @@
-"""The pseudo-label shards (DESIGN §4.2): their schema, their files, and a reader of their rows.
+"""The pseudo-label shards (docs/output.md): their schema, their files, and a reader of their rows.
 
 `wsss label` writes Parquet files under `<out>/labels/` (one row per labelled image) and
 `<out>/errors/` (one row per image that could not be labelled), and a JSON summary of each run:

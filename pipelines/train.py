@@ -528,7 +528,7 @@ def _write_checkpoint(
     epoch: int,
     metrics: dict[str, float],
 ) -> None:
-    """model.pt (state dict), train_state.pt (optimizer, steps) and meta.json (DESIGN §4.3)."""
+    """model.pt (state dict), train_state.pt (optimizer, steps) and meta.json (docs/architecture.md, the run layout)."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     weights = buffer.getvalue()

@@ -4,6 +4,8 @@ object storage or Parquet; `pipelines/` may use `wsss/`, never the other way rou
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,20 @@ def test_the_rule_sees_an_import_it_forbids(tmp_path):
     sample = tmp_path / "sample.py"
     sample.write_text("import numpy\nfrom ray.data import Dataset\nfrom . import sibling\n")
     assert imported_modules(sample) == {"numpy", "ray.data"}
+
+
+def test_importing_the_whole_method_loads_no_plumbing():
+    """Not even through a dependency: a process that imports every wsss module has none of
+    Ray, boto3 or pyarrow loaded."""
+    modules = [
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in sorted((ROOT / "wsss").rglob("*.py"))
+    ]
+    script = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        f"print(sorted(n for n in {FORBIDDEN_IN_WSSS!r} if n in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -1,4 +1,4 @@
-"""Affinity labels from CAMs and AffinityNet (DESIGN §2 stages 3-4, PSA / IRN).
+"""Affinity labels from CAMs and AffinityNet (PSA / IRN; docs/architecture.md).
 
 Stage 3 turns CAMs into a three-way label map (confident foreground class, confident background,
 ignore) and, from it, labels for the pixel pairs of the radius neighbourhood: both background,

@@ -1,4 +1,4 @@
-"""Dense CRF refinement (DESIGN §2 stage 6): fully connected CRF with Gaussian and bilateral
+"""Dense CRF refinement: fully connected CRF with Gaussian and bilateral
 pairwise terms (Krähenbühl & Koltun 2011) through `pydensecrf`, with the PSA parameters.
 
 A thin wrapper: it validates and lays out the inputs the way the C++ library needs them and

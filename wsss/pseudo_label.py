@@ -1,4 +1,4 @@
-"""Final pseudo-label step (DESIGN §2 stage 7): refined per-pixel probabilities over the classes
+"""Final pseudo-label step: refined per-pixel probabilities over the classes
 present in an image -> a class-index mask with 255 where the refinement is not confident.
 
 Refined maps carry only the image's own classes: channel c stands for class `channels[c]`

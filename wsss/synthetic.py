@@ -370,7 +370,7 @@ def generate(
     params: SyntheticParams | None = None,
     image_format: Literal["png", "jpg"] = "png",
 ) -> Path:
-    """Write samples 0..n-1 in the DESIGN §4.1 layout under `out_dir`: `classes.txt`,
+    """Write samples 0..n-1 in the manifest layout (docs/output.md) under `out_dir`: `classes.txt`,
     `images/<id>.<ext>`, `masks/<id>.png` (mode "L") and `manifest.jsonl`; returns the manifest
     path."""
     params = params or SyntheticParams()
