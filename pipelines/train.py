@@ -528,7 +528,8 @@ def _write_checkpoint(
     epoch: int,
     metrics: dict[str, float],
 ) -> None:
-    """model.pt (state dict), train_state.pt (optimizer, steps) and meta.json (docs/architecture.md, the run layout)."""
+    """model.pt (state dict), train_state.pt (optimizer, steps) and meta.json (the run layout:
+    docs/architecture.md)."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     weights = buffer.getvalue()
