@@ -53,8 +53,24 @@ def _section(annotation: object) -> type[BaseModel] | None:
     )
 
 
+def _members(annotation: object) -> list[type[BaseModel]]:
+    """The members of a family's union (e.g. the poolings), told apart by their `name`."""
+    if typing.get_origin(annotation) not in (typing.Union, types.UnionType):
+        return []
+    members = [_section(a) for a in typing.get_args(annotation)]
+    if not all(m is not None and "name" in m.model_fields for m in members):
+        return []
+    return members
+
+
+def _description(field: FieldInfo, member: str = "") -> str:
+    text = (field.description or "").replace("|", "\\|").replace("\n", " ")
+    return f"({member}) {text}" if member else text
+
+
 def _rows(model: type[BaseModel], defaults: BaseModel, prefix: str) -> list[tuple[str, ...]]:
     rows = []
+    written = defaults.model_dump(mode="json")
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         value = getattr(defaults, name)
@@ -62,11 +78,23 @@ def _rows(model: type[BaseModel], defaults: BaseModel, prefix: str) -> list[tupl
         if section is not None:
             rows += _rows(section, value, f"{path}.")
             continue
-        if isinstance(value, BaseModel):
-            value = value.model_dump(mode="json")
-        default = json.dumps(list(value) if isinstance(value, tuple) else value)
-        description = (field.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append((path, _type_name(field.annotation), default, _bounds(field), description))
+        default = json.dumps(written[name])
+        members = _members(field.annotation)
+        if members:
+            # One row naming the members, then each member's own settings, marked with its name.
+            names = [m.model_fields["name"].default for m in members]
+            kinds = " \\| ".join(json.dumps(n) for n in names)
+            rows.append((path, kinds, default, "", _description(field)))
+            for member, member_name in zip(members, names, strict=True):
+                for key, setting in member.model_fields.items():
+                    if key != "name":
+                        default = json.dumps(member().model_dump(mode="json")[key])
+                        row = (_type_name(setting.annotation), default, _bounds(setting))
+                        rows.append((f"{path}.{key}", *row, _description(setting, member_name)))
+            continue
+        rows.append(
+            (path, _type_name(field.annotation), default, _bounds(field), _description(field))
+        )
     return rows
 
 

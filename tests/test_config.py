@@ -43,6 +43,8 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         ("dataset.typo_field=1", "dataset.typo_field"),
         ("refiners=[random_walk, densecrf]", "refiners"),
         ("refiners=[crf, crf]", "refiners"),
+        ("classifier.model.pooling=wildcat", "classifier.model.pooling"),
+        ("classifier.model.pooling={name: top_k, kmax: -1}", "classifier.model.pooling.top_k.kmax"),
     ],
 )
 def test_invalid_values_name_the_field(override, field):

@@ -18,6 +18,9 @@ def test_config_reference_lists_every_field_with_its_bounds():
     assert "| `classifier.optim.epochs` | int | `5` | > 0 |" in page
     assert "| `ray.gpus_per_actor` | float | `1.0` | > 0, <= 1 |" in page
     assert '| `cam.background.method` | "threshold" \\| "power" \\| "otsu" |' in page
+    # A family's union: the member names, then each member's settings marked with its name.
+    assert '| `classifier.model.pooling` | "gap" \\| "gmp" \\| "top_k" | `"gap"` |' in page
+    assert "| `classifier.model.pooling.kmax` | float | `0.2` | > 0 | (top_k) " in page
 
 
 def test_output_schema_page_names_every_column():

@@ -3,43 +3,31 @@ backbone -> score maps (B, K, h, w) -> pooling -> logits (B, K); logit k <-> cla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Literal, get_args
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from wsss.backbone import BackboneParams, backbone_from_params
 from wsss.params import Params
+from wsss.poolings import POOLINGS, Pooling
+from wsss.poolings.global_pool import GapParams
 from wsss.training import Batch, EpochEnd, OptimParams, check_samples, train_in_process
 from wsss.transforms import AugmentParams, augment, check_image, normalize
-
-Pooling = Callable[[torch.Tensor], torch.Tensor]
-PoolingName = Literal["gap", "gmp"]
-
-
-def global_average_pool(score_maps: torch.Tensor) -> torch.Tensor:
-    """(B, K, h, w) -> (B, K): mean over positions (CAM, IRN)."""
-    return score_maps.mean(dim=(2, 3))
-
-
-def global_max_pool(score_maps: torch.Tensor) -> torch.Tensor:
-    """(B, K, h, w) -> (B, K): max over positions (FCN-MIL)."""
-    return score_maps.amax(dim=(2, 3))
-
-
-# Pooling of class score maps into logits; new poolings (WILDCAT, HFPL) register here.
-POOLINGS: dict[str, Pooling] = {"gap": global_average_pool, "gmp": global_max_pool}
-assert set(POOLINGS) == set(get_args(PoolingName)), "PoolingName and POOLINGS must agree"
 
 
 class ClassifierParams(Params):
     """Classifier architecture; the number of classes comes from the dataset's class list."""
 
     backbone: BackboneParams = BackboneParams()
-    pooling: PoolingName = "gap"
+    pooling: Pooling = Field(
+        GapParams(),
+        description="How the class score maps become logits: a pooling's name "
+        f"({', '.join(POOLINGS)}) or its settings with `name` (wsss.poolings).",
+    )
 
 
 class Classifier(nn.Module):
@@ -55,7 +43,7 @@ class Classifier(nn.Module):
         self.backbone = backbone_from_params(params.backbone)
         # No bias: a CAM is then exactly the head applied to the features at each position.
         self.head = nn.Conv2d(self.backbone.channels[-1], n_classes, kernel_size=1, bias=False)
-        self.pool = POOLINGS[params.pooling]
+        self.pool = params.pooling.build()
 
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Raw class scores (B, K, h, w) at the backbone's output stride, before any relu."""
