@@ -230,7 +230,7 @@ def main() -> None:
     lines = manifest.read_text().splitlines()
     classes = (work / "data" / "classes.txt").read_text().split()
     # Imported here: the ideal's spawned processes import this module, and need no Ray Train.
-    from pipelines.train import start_local_ray
+    from pipelines.runtime import start_local_ray
 
     start_local_ray(2 * args.cores, include_dashboard=False)  # as `wsss label` starts one
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,7 +1,7 @@
 """Seconds per `ray.data.read_parquet` of one small file on a local S3 server, with Ray 2.60's
 default reader (DataSourceV2, which reads footers on a pool of FooterReader actors started for
 each read) against the V1 reader (tasks only), alternating reader by reader in one Ray session.
-This is why `pipelines.train.connect` selects V1: the pipelines read one-file manifests, small
+This is why `pipelines.runtime.connect` selects V1: the pipelines read one-file manifests, small
 ledgers and listings, where the actor start-up is all of the cost.
 
     flock /tmp/wsss-ray.lock .venv/bin/python bench/parquet_read.py \

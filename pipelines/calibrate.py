@@ -25,7 +25,7 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.label import read_records
 from pipelines.model_record import load_network, record_uris
-from pipelines.train import connect
+from pipelines.runtime import connect
 from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou
 from wsss.cam import BackgroundParams, compute_cams
 from wsss.imageio import decode_image, decode_mask

@@ -22,8 +22,8 @@ import numpy as np
 from pipelines import gallery, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
+from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
-from pipelines.train import connect
 from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
 from wsss.imageio import decode_mask
 from wsss.metrics import ConfusionMatrix

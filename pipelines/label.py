@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from pipelines import label_rows, manifests, shards, storage
+from pipelines import label_rows, manifests, runtime, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
@@ -247,30 +247,11 @@ def read_records(cfg: RunConfig, uris: dict[str, str]) -> dict[str, ModelRecord]
 
 
 def check_cluster(cfg: RunConfig) -> None:
-    """Raise InsufficientResourcesError unless the cluster can host the model actors and one
-    CPU task beside them (Ray would otherwise wait for them without end)."""
-    from pipelines.train import InsufficientResourcesError  # see `run` on why imported here
-
-    r = cfg.ray
-    total = ray.cluster_resources()
-    cpus = r.model_actors * r.cpus_per_actor + cfg.label.cpus_per_task
-    problems = []
-    if cpus > total.get("CPU", 0):
-        problems.append(
-            f"{cpus:g} CPUs (ray.model_actors {r.model_actors} x ray.cpus_per_actor "
-            f"{r.cpus_per_actor:g} + label.cpus_per_task {cfg.label.cpus_per_task:g}) but the "
-            f"cluster has {total.get('CPU', 0):g}"
-        )
-    gpus = r.model_actors * r.gpus_per_actor if r.use_gpu else 0.0
-    if gpus > total.get("GPU", 0):
-        problems.append(
-            f"{gpus:g} GPUs (ray.use_gpu: ray.model_actors {r.model_actors} x "
-            f"ray.gpus_per_actor {r.gpus_per_actor:g}) but the cluster has {total.get('GPU', 0):g}"
-        )
-    if problems:
-        raise InsufficientResourcesError(
-            "the Ray cluster cannot host this labeling: it needs " + "; and ".join(problems)
-        )
+    """Raise InsufficientResourcesError unless the cluster can host the model actors and the
+    CPU tasks beside them (`label.cpus_per_task`)."""
+    cpus = cfg.label.cpus_per_task
+    phase = runtime.model_actors(cfg, cpus, f"label.cpus_per_task {cpus:g}")
+    runtime.check_resources(cfg, "labeling", [phase])
 
 
 def retire(out_uri: str, config: StorageConfig, version: str, run_id: str) -> int:
@@ -403,11 +384,7 @@ def run(
                 f"{cfg.dataset.manifest} has {classes}"
             )
     version = model_version(records)
-    # Imported here, not above: every Ray worker running a step of this module imports it, and
-    # pipelines.train brings Ray Train, seconds per worker start on a small machine.
-    from pipelines.train import connect
-
-    connect(cfg)
+    runtime.connect(cfg)
     check_cluster(cfg)
 
     started_at = datetime.now(UTC)

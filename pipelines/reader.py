@@ -14,7 +14,14 @@ import ray
 import torch.utils.data
 
 from pipelines import storage
-from pipelines.shards import LABELS, LATEST, read_shard_rows, resolve_model_version, shard_files
+from pipelines.shards import (
+    LABELS,
+    LATEST,
+    ragged,
+    read_shard_rows,
+    resolve_model_version,
+    shard_files,
+)
 from pipelines.storage import StorageConfig
 from wsss.imageio import decode_image, decode_mask
 
@@ -29,9 +36,6 @@ def decode_pair(image_uri: str, mask_png: bytes, config: StorageConfig) -> tuple
 
 
 def _decode_rows(batch: dict[str, np.ndarray], config: StorageConfig) -> dict[str, np.ndarray]:
-    # Imported here: pipelines.train brings Ray Train, which the torch Dataset does not need.
-    from pipelines.train import ragged
-
     pairs = [
         decode_pair(str(uri), mask, config)
         for uri, mask in zip(batch["image"], batch["mask"], strict=True)

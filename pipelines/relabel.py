@@ -49,8 +49,8 @@ from pipelines import label, label_rows, storage
 from pipelines.config import RunConfig
 from pipelines.evaluate import labels_uri
 from pipelines.model_record import record_uris
+from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
-from pipelines.train import connect
 
 FOLDER = "relabel"
 LEDGER = "ledger"

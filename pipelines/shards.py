@@ -19,6 +19,7 @@ import posixpath
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -172,3 +173,12 @@ def read_shard_rows(
     return shard_rows.select_columns(
         list(dict.fromkeys([*columns, *(c for c in optional_columns if c in stored)]))
     )
+
+
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array of `arrays`: a Ray Data column of differently shaped arrays (decoded
+    images and masks)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import os
 import tempfile
 import threading
 import warnings
@@ -34,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines import storage
+from pipelines import runtime, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.manifests import Manifest
 from pipelines.model_record import (
@@ -47,6 +46,7 @@ from pipelines.model_record import (
     sha256_hex,
     write_record,
 )
+from pipelines.shards import ragged
 from wsss.affinity import AffinityNetParams
 from wsss.classifier import ClassifierParams
 from wsss.imageio import ImageDecodeError, decode_image
@@ -67,101 +67,20 @@ logger = logging.getLogger(__name__)
 KEPT_SKIP_MESSAGES = 20
 
 
-class InsufficientResourcesError(ConfigError):
-    """The Ray cluster lacks the CPUs or GPUs the configuration asks for: Ray would wait for
-    them without end."""
-
-
-# Ray keeps no more idle workers than there are free logical CPUs (ray-project/ray#36766). While
-# model actors or training workers hold CPUs, the workers that ran one Ray Data operator's tasks
-# are killed within a second of going idle, and the next operator (or the next run) starts a
-# fresh Python worker: ~1.5-2 CPU-s each, a large share of a short job on a small node
-# (docs/benchmarks.md). A local instance keeps this many idle workers per logical CPU instead.
-IDLE_WORKERS_PER_CPU = 2
-
-
-def start_local_ray(num_cpus: int | None = None, **options: Any) -> None:
-    """Start a local Ray instance with `num_cpus` logical CPUs (None = the machine's cores) that
-    keeps its idle workers for the next tasks (`IDLE_WORKERS_PER_CPU`); `options` go to
-    `ray.init`. A RAY_num_workers_soft_limit set by the user wins."""
-    cpus = num_cpus or os.cpu_count() or 1
-    # Read by the raylet that ray.init starts, which inherits this process's environment.
-    os.environ.setdefault("RAY_num_workers_soft_limit", str(IDLE_WORKERS_PER_CPU * cpus))
-    # Ray Train's preemption watcher polls for other nodes being preempted (spot instances);
-    # a local instance has one node, and the watcher's start logs an error-level line about
-    # its restartable actor (ray-project/ray#53727) in every training run.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=num_cpus, **options)
-
-
-def connect(cfg: RunConfig) -> None:
-    """Join the cluster at `ray.address` (or start a local Ray, `start_local_ray`) unless
-    already connected."""
-    if not ray.is_initialized():
-        if cfg.ray.address is None:
-            start_local_ray(cfg.ray.local_cpus)
-        else:
-            ray.init(address=cfg.ray.address)
-    # Ray 2.60's default Parquet reader (DataSourceV2) starts 32 footer-reading actors for every
-    # read_parquet call, ~10 s per read on a 2-core node (measured; docs/benchmarks.md) for our
-    # one-file manifests and ledgers; the V1 reader lists and reads the same files in tasks.
-    ray.data.DataContext.get_current().use_datasource_v2 = False
-
-
-def check_resources(cfg: RunConfig, actors: int = 0) -> None:
+def check_cluster(cfg: RunConfig, model_actors: bool = False) -> None:
     """Raise InsufficientResourcesError unless the cluster can host the training workers with
-    one CPU for Ray Data's tasks, and (when `actors`, for AffinityNet's labels, computed before
-    training starts) that many model actors with one CPU for tasks; each worker and actor on one
-    node. Reads `ray.cluster_resources()`: on an autoscaling cluster this is the current size."""
+    one CPU for Ray Data's tasks and, with `model_actors` (AffinityNet's labels are computed by
+    the labeling's model actors before training starts), those with one CPU for tasks."""
     r = cfg.ray
-    gpu = r.use_gpu
-    phases = [  # (count field, count, what, CPU field, resources of one)
-        (
-            "ray.train_workers",
-            r.train_workers,
-            "a training worker",
-            "ray.cpus_per_worker",
-            {"CPU": r.cpus_per_worker, "GPU": 1.0 if gpu else 0.0},
-        ),
-    ]
-    if actors:
-        phases.append(
-            (
-                "ray.model_actors",
-                actors,
-                "a model actor",
-                "ray.cpus_per_actor",
-                {"CPU": r.cpus_per_actor, "GPU": r.gpus_per_actor if gpu else 0.0},
-            )
-        )
-    total = ray.cluster_resources()
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    have_cpus, have_gpus = total.get("CPU", 0), total.get("GPU", 0)
-    problems = []
-    for field, count, what, cpu_field, need in phases:
-        cpus = count * need["CPU"] + 1
-        if cpus > have_cpus:
-            problems.append(
-                f"{cpus:g} CPUs ({field} {count} x {cpu_field} {need['CPU']:g} + 1 for Ray Data "
-                f"tasks) but the cluster has {have_cpus:g}"
-            )
-        gpus = count * need["GPU"]
-        if gpus > have_gpus:
-            problems.append(
-                f"{gpus:g} GPUs (ray.use_gpu: {field} {count} x {need['GPU']:g}) but the cluster "
-                f"has {have_gpus:g}"
-            )
-        if not any(all(node.get(k, 0) >= v for k, v in need.items()) for node in nodes):
-            wanted = " and ".join(f"{v:g} {k}" for k, v in need.items() if v)
-            problems.append(f"{wanted} on one node for {what}, but no node has that much")
-    if problems:
-        gpu_hint = ", set ray.use_gpu=false" if gpu else ""
-        raise InsufficientResourcesError(
-            "the Ray cluster cannot host this training: it needs "
-            + "; and ".join(problems)
-            + f". Lower ray.train_workers or the CPUs per worker or actor{gpu_hint}, or use a "
-            "bigger cluster."
-        )
+    workers = runtime.Demand(
+        "ray.train_workers",
+        r.train_workers,
+        "a training worker",
+        "ray.cpus_per_worker",
+        {"CPU": r.cpus_per_worker, "GPU": 1.0 if r.use_gpu else 0.0},
+    )
+    phases = [workers, runtime.model_actors(cfg)] if model_actors else [workers]
+    runtime.check_resources(cfg, "training", phases)
 
 
 @ray.remote(num_cpus=0)
@@ -226,14 +145,6 @@ def follow_progress(progress, log: Callable[[str], None], every_s: float = 2.0) 
         done.set()
         thread.join()
         show_new()
-
-
-def ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    """A 1-D object array of `arrays` (a Ray Data column of differently shaped arrays)."""
-    out = np.empty(len(arrays), dtype=object)
-    for i, array in enumerate(arrays):
-        out[i] = array
-    return out
 
 
 def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[str, np.ndarray]:

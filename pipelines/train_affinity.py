@@ -21,14 +21,9 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.manifests import Manifest
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uri
-from pipelines.train import (
-    check_resources,
-    connect,
-    image_dataset,
-    new_job,
-    ragged,
-    run_training,
-)
+from pipelines.runtime import connect
+from pipelines.shards import ragged
+from pipelines.train import check_cluster, image_dataset, new_job, run_training
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
 from wsss.cam import compute_cams
 from wsss.networks import initial_network
@@ -102,7 +97,7 @@ def run(
     """Train the AffinityNet of `cfg` on Ray from the classifier of `classifier_record` (default:
     this run's), resuming the run's last checkpoint if any, and write its model record."""
     connect(cfg)
-    check_resources(cfg, actors=cfg.ray.model_actors)
+    check_cluster(cfg, model_actors=True)
     classifier_record = classifier_record or record_uri(cfg, "classifier")
     classifier = read_record(classifier_record, cfg)
     manifest = load_manifest(cfg)

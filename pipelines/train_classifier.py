@@ -15,7 +15,8 @@ import numpy as np
 from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.model_record import ModelRecord
-from pipelines.train import check_resources, connect, image_dataset, new_job, run_training
+from pipelines.runtime import connect
+from pipelines.train import check_cluster, image_dataset, new_job, run_training
 from wsss.classifier import Classifier, classification_example, classifier_step_loss
 from wsss.networks import initial_network
 from wsss.transforms import AugmentParams
@@ -46,7 +47,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
     """Train the classifier of `cfg` on Ray (resuming the run's last checkpoint, if any) and
     write its model record."""
     connect(cfg)
-    check_resources(cfg)
+    check_cluster(cfg)
     manifest = load_manifest(cfg)
     n_classes = manifest.num_foreground
     build_model = partial(initial_classifier, n_classes, cfg)

@@ -49,7 +49,7 @@ def ray_cluster(s3_endpoint: str) -> dict:
     Returns the cluster's resources."""
     import ray
 
-    from pipelines.train import start_local_ray
+    from pipelines.runtime import start_local_ray
 
     # Ray Train polls its workers this often; the default 2 s dominates the teardown of tiny runs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")

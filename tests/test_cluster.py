@@ -391,8 +391,7 @@ def host(monkeypatch, nodes: list[dict[str, float]]) -> None:
 def test_cluster_at_minimum_size_hosts_the_run(tmp_path, monkeypatch, where):
     """The stages' own resource checks pass on the cluster as it starts, before any autoscaling:
     they count only the nodes that are up."""
-    from pipelines.label import check_cluster
-    from pipelines.train import check_resources
+    from pipelines import label, train
 
     path = tmp_path / "run.yaml"
     path.write_text(run_config_text())
@@ -402,13 +401,14 @@ def test_cluster_at_minimum_size_hosts_the_run(tmp_path, monkeypatch, where):
     else:
         nodes = min_nodes_aws(yaml.safe_load(AWS_CONFIG.read_text()))
     host(monkeypatch, nodes)
-    check_resources(cfg)  # train-classifier
-    check_resources(cfg, actors=cfg.ray.model_actors)  # train-affinity: CAM actors, then workers
-    check_cluster(cfg)  # label
+    train.check_cluster(cfg)  # train-classifier
+    train.check_cluster(cfg, model_actors=True)  # train-affinity: CAM actors, then workers
+    label.check_cluster(cfg)  # label
 
 
 def test_resource_check_fails_when_the_gpu_group_is_too_small(tmp_path, monkeypatch):
-    from pipelines.train import InsufficientResourcesError, check_resources
+    from pipelines.runtime import InsufficientResourcesError
+    from pipelines.train import check_cluster
 
     path = tmp_path / "run.yaml"
     path.write_text(run_config_text())
@@ -417,7 +417,7 @@ def test_resource_check_fails_when_the_gpu_group_is_too_small(tmp_path, monkeypa
     spec["workerGroupSpecs"][0]["minReplicas"] -= 1
     host(monkeypatch, min_nodes_kuberay(spec))
     with pytest.raises(InsufficientResourcesError, match="GPUs"):
-        check_resources(cfg, actors=cfg.ray.model_actors)
+        check_cluster(cfg, model_actors=True)
 
 
 # --- the `ray up` config ------------------------------------------------------------------------

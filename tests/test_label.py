@@ -33,7 +33,7 @@ from pipelines.model_record import (
     record_uri,
     save_model,
 )
-from pipelines.train import InsufficientResourcesError
+from pipelines.runtime import InsufficientResourcesError
 from wsss import synthetic
 from wsss.affinity import AffinityNet
 from wsss.classifier import Classifier

@@ -34,7 +34,9 @@ from pipelines.model_record import (
     record_uri,
     write_record,
 )
-from pipelines.train import InsufficientResourcesError, _resume_schedule, decode_rows, ragged
+from pipelines.runtime import InsufficientResourcesError
+from pipelines.shards import ragged
+from pipelines.train import _resume_schedule, decode_rows
 from wsss import synthetic
 from wsss.affinity import AffinityNet, affinity_label_map, predict_affinity
 from wsss.cam import compute_cams
