@@ -41,7 +41,6 @@ from pipelines import label, storage
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
     load_network,
-    record_uri,
     save_model,
 )
 from wsss import synthetic
@@ -77,7 +76,7 @@ def write_untrained_records(cfg: RunConfig, classes: list[str]) -> dict[str, str
     classifier = Classifier(len(classes) - 1, cfg.classifier.model)
     save_model(classifier, classes, cfg, storage.join(checkpoints, "classifier"))
     save_model(AffinityNet(cfg.affinity.model), classes, cfg, storage.join(checkpoints, "affinity"))
-    return {stage: record_uri(cfg, stage) for stage in ("classifier", "affinity")}
+    return {stage: cfg.layout.record(stage) for stage in ("classifier", "affinity")}
 
 
 class PeakMemory:

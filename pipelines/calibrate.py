@@ -142,7 +142,7 @@ def calibrate(
             "random_walk": walk,
         }
     )
-    out = cfg.calibrate.out or storage.join(cfg.run_uri, "calibrated.yaml")
+    out = cfg.layout.calibrated
     storage.write_bytes(out, calibrated.to_yaml().encode(), cfg.storage)
     after = max(best["final"], before["final"])
     report = {

@@ -29,7 +29,8 @@ from pydantic import (
 )
 from torch import nn
 
-from pipelines.storage import StorageConfig
+from pipelines.layout import RunLayout
+from pipelines.storage import StorageConfig, join
 from wsss.affinity import AffinityLabelParams, AffinityNetParams
 from wsss.backbone import BackboneParams
 from wsss.cam import CamParams
@@ -254,9 +255,13 @@ class RunSettings(Section):
 
     @property
     def run_uri(self) -> str:
-        from pipelines.storage import join
-
+        """The run's folder, output/name."""
         return join(self.output, self.name)
+
+    @property
+    def layout(self) -> RunLayout:
+        """Where this run keeps its records, checkpoints, shards, markers and reports."""
+        return RunLayout(self.run_uri, self.label.out, self.evaluate.out, self.calibrate.out)
 
     def hash(self) -> str:
         """Content hash of the resolved configuration (stable across key order)."""

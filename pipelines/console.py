@@ -30,7 +30,7 @@ def log_path(cfg: RunConfig, command: str) -> Path:
     if cfg.log_dir is not None:
         folder = Path(cfg.log_dir)
     elif not storage.is_s3(cfg.run_uri):
-        folder = Path(cfg.run_uri) / "logs"
+        folder = Path(cfg.layout.logs)
     else:
         folder = Path("logs") / cfg.name
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

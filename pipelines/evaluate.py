@@ -37,11 +37,6 @@ CLASS_REPORT_TITLE = (
 )
 
 
-def labels_uri(cfg: RunConfig) -> str:
-    """Where `wsss label` of `cfg` writes (and evaluation reads) the shards."""
-    return cfg.label.out or cfg.run_uri
-
-
 def score_batch(
     batch: dict[str, np.ndarray],
     ground_truth: dict[str, str],
@@ -185,11 +180,6 @@ def format_table(classes: list[str], stages: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def report_uri(cfg: RunConfig, out_uri: str) -> str:
-    """Where the evaluation of the shards under `out_uri` writes its JSON and gallery."""
-    return cfg.evaluate.out or out_uri
-
-
 def run(
     cfg: RunConfig,
     out_uri: str | None = None,
@@ -198,10 +188,10 @@ def run(
 ) -> dict:
     """Evaluate the shards under `out_uri` (default: where `wsss label` of `cfg` writes), print
     the table, write the result JSON and, with evaluate.gallery_images, the overlay gallery."""
-    out_uri = out_uri or labels_uri(cfg)
+    out_uri = out_uri or cfg.layout.labels
     connect(cfg)
     result = evaluate(out_uri, cfg, model_version)
-    report = report_uri(cfg, out_uri)
+    report = cfg.layout.report(out_uri)
     result_uri = storage.join(report, RESULT_FILE)
     storage.write_bytes(result_uri, json.dumps(result, indent=2).encode(), cfg.storage)
     log(format_table(result["classes"], result["stages"]))

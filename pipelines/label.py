@@ -373,7 +373,7 @@ def run(
     from the model records in `records` by network name (default: this run's). Returns the run
     summary, also written to `<out>/label_runs/<run_id>.json` and `<out>/label_summary.json`."""
     cfg = effective_config(cfg, input_uri, out_uri, keep_stages)
-    out = cfg.label.out or cfg.run_uri
+    out = cfg.layout.labels
     uris = record_uris(cfg, records)
     records = read_records(cfg, uris)
     classes = manifest_classes(cfg)

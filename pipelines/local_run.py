@@ -165,7 +165,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
         "config_hash": cfg.hash(),
     }
-    out_dir = storage.join(cfg.run_uri, "local")
+    out_dir = cfg.layout.local
     storage.write_bytes(storage.join(out_dir, "config.yaml"), cfg.to_yaml().encode(), cfg.storage)
     storage.write_bytes(
         storage.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode(), cfg.storage

@@ -49,15 +49,10 @@ class ModelRecord(BaseModel):
     created_at: str
 
 
-def record_uri(cfg: RunConfig, stage: Stage) -> str:
-    """Where the run's training of `stage` writes its record."""
-    return storage.join(cfg.run_uri, "models", f"{stage}.json")
-
-
 def record_uris(cfg: RunConfig, given: dict[str, str | None] | None = None) -> dict[str, str]:
     """The model record of each network labeling needs (`RunConfig.networks`): the one `given`
     for it, else this run's."""
-    return {name: (given or {}).get(name) or record_uri(cfg, name) for name in cfg.networks}
+    return {name: (given or {}).get(name) or cfg.layout.record(name) for name in cfg.networks}
 
 
 def sha256_hex(data: bytes) -> str:
@@ -109,8 +104,8 @@ def load_network(uri: str, cfg: RunConfig, stage: Stage) -> nn.Module:
 
 def save_model(model: nn.Module, classes: list[str], cfg: RunConfig, folder: str) -> ModelRecord:
     """Store a network trained outside `wsss train-*` (in process, or imported) as weights in
-    `folder` and a model record at this run's `record_uri`, so later stages load it like one
-    Ray Train produced."""
+    `folder` and a model record where this run keeps it (`RunLayout.record`), so later stages
+    load it like one Ray Train produced."""
     stage = next(
         name for name, kind in NETWORKS.items() if isinstance(model.params, kind.params_type)
     )
@@ -133,5 +128,5 @@ def save_model(model: nn.Module, classes: list[str], cfg: RunConfig, folder: str
         skipped_examples=[],
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
     )
-    write_record(record, record_uri(cfg, stage), cfg)
+    write_record(record, cfg.layout.record(stage), cfg)
     return record

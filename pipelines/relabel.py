@@ -47,12 +47,10 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipelines import label, label_rows, storage
 from pipelines.config import RunConfig
-from pipelines.evaluate import labels_uri
 from pipelines.model_record import record_uris
 from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
 
-FOLDER = "relabel"
 LEDGER = "ledger"
 PENDING = "pending"  # ledger files of runs still labeling
 RUNS = "runs"
@@ -258,7 +256,7 @@ def run(
     versions from a listing of the folder or S3 prefix `listing` when given. Returns the run
     record, also written to `<out>/relabel/runs/<run_id>.json`."""
     cfg = label.effective_config(cfg, input_uri, out_uri, keep_stages=False)
-    root = storage.join(labels_uri(cfg), FOLDER)
+    root = cfg.layout.relabel
     started = datetime.now(UTC)
     date = date or f"{started:%Y-%m-%d}"
     run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"

@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 
 from pipelines import evaluate, label, shards, storage, train_affinity, train_classifier
 from pipelines.config import ConfigError, RunConfig
-from pipelines.model_record import record_uri
 
 # The job that trains each network a method may need (`RunConfig.networks`), as a stage.
 TRAINERS: dict[str, Callable[..., object]] = {
@@ -53,23 +52,18 @@ def section_digests(cfg: RunConfig, stage: str) -> dict[str, str]:
     return digests
 
 
-def marker_uri(cfg: RunConfig, stage: str) -> str:
-    return storage.join(cfg.run_uri, "stages", f"{stage}.json")
-
-
 def output_uri(cfg: RunConfig, stage: str) -> str:
     """A file whose presence shows the stage's output is there."""
     if stage.startswith("train-"):
-        return record_uri(cfg, stage.removeprefix("train-"))
-    out = evaluate.labels_uri(cfg)
+        return cfg.layout.record(stage.removeprefix("train-"))
     if stage == "label":
-        return storage.join(out, shards.SUMMARY_FILE)
-    return storage.join(evaluate.report_uri(cfg, out), evaluate.RESULT_FILE)
+        return storage.join(cfg.layout.labels, shards.SUMMARY_FILE)
+    return storage.join(cfg.layout.report(), evaluate.RESULT_FILE)
 
 
 def previous_digests(cfg: RunConfig, stage: str) -> dict[str, str] | None:
     """The section digests of the stage's last finished run, if it ran and its output is there."""
-    uri = marker_uri(cfg, stage)
+    uri = cfg.layout.marker(stage)
     if not (
         storage.exists(uri, cfg.storage) and storage.exists(output_uri(cfg, stage), cfg.storage)
     ):
@@ -114,7 +108,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         storage.write_bytes(
-            marker_uri(cfg, stage), json.dumps(marker, indent=2).encode(), cfg.storage
+            cfg.layout.marker(stage), json.dumps(marker, indent=2).encode(), cfg.storage
         )
         outcome[stage] = "relabelled" if relabel and stage == "label" else "done"
     return outcome

@@ -42,7 +42,6 @@ from pipelines.model_record import (
     WEIGHTS_FILE,
     ModelRecord,
     Stage,
-    record_uri,
     sha256_hex,
     write_record,
 )
@@ -263,7 +262,7 @@ def run_training(
             f"{job.n_rows} images cannot be shared among ray.train_workers "
             f"{cfg.ray.train_workers}: every worker needs at least one"
         )
-    train_root = storage.join(cfg.run_uri, "train")
+    train_root = cfg.layout.checkpoints
     filesystem, path = storage.filesystem(train_root, cfg.storage)
     gpus = {"GPU": 1.0} if cfg.ray.use_gpu else {}
     trainer = ray.train.torch.TorchTrainer(
@@ -308,7 +307,7 @@ def run_training(
         skipped_examples=skipped_examples,
         created_at=meta["created_at"],
     )
-    uri = record_uri(cfg, job.stage)
+    uri = cfg.layout.record(job.stage)
     write_record(record, uri, cfg)
     for message in skipped_examples:
         log(f"  skipped unreadable image {message}")

@@ -20,7 +20,7 @@ import ray
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
 from pipelines.manifests import Manifest
-from pipelines.model_record import ModelRecord, load_network, read_record, record_uri
+from pipelines.model_record import ModelRecord, load_network, read_record
 from pipelines.runtime import connect
 from pipelines.shards import ragged
 from pipelines.train import check_cluster, image_dataset, new_job, run_training
@@ -98,7 +98,7 @@ def run(
     this run's), resuming the run's last checkpoint if any, and write its model record."""
     connect(cfg)
     check_cluster(cfg, model_actors=True)
-    classifier_record = classifier_record or record_uri(cfg, "classifier")
+    classifier_record = classifier_record or cfg.layout.record("classifier")
     classifier = read_record(classifier_record, cfg)
     manifest = load_manifest(cfg)
     if classifier.classes != manifest.classes:

@@ -102,3 +102,22 @@ def test_setting_one_field_keeps_the_other_defaults_of_its_section(tmp_path):
     for cfg in (load_config(path), load_config(overrides=["affinity.model.feature_stride=8"])):
         assert cfg.affinity.model.feature_stride == 8
         assert cfg.affinity.model.backbone == load_config().affinity.model.backbone  # the demo's
+
+
+def test_the_run_layout_says_where_everything_goes():
+    layout = load_config(overrides=["output=s3://b/runs", "name=n"]).layout
+    assert layout.root == "s3://b/runs/n"
+    assert layout.record("affinity") == "s3://b/runs/n/models/affinity.json"
+    assert layout.checkpoints == "s3://b/runs/n/train"
+    assert layout.marker("label") == "s3://b/runs/n/stages/label.json"
+    assert layout.labels == layout.report() == "s3://b/runs/n"
+    assert layout.relabel == "s3://b/runs/n/relabel"
+    assert layout.calibrated == "s3://b/runs/n/calibrated.yaml"
+    # Outputs set elsewhere: the shards (and relabel's sets), the report, the calibration.
+    moved = load_config(
+        overrides=["label.out=/data/labels", "evaluate.out=/data/report", "calibrate.out=/c.yaml"]
+    ).layout
+    assert (moved.labels, moved.relabel) == ("/data/labels", "/data/labels/relabel")
+    assert moved.report() == moved.report("/other") == "/data/report"
+    assert moved.calibrated == "/c.yaml"
+    assert load_config().layout.report("/other") == "/other"

@@ -30,7 +30,6 @@ from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
     load_network,
-    record_uri,
     save_model,
 )
 from pipelines.runtime import InsufficientResourcesError
@@ -99,7 +98,7 @@ def model_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
         cfg,
         storage.join(checkpoints, "affinity", "epoch_0000"),
     )
-    return {stage: record_uri(cfg, stage) for stage in ("classifier", "affinity")}
+    return {stage: cfg.layout.record(stage) for stage in ("classifier", "affinity")}
 
 
 def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:

@@ -55,7 +55,7 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     # Untrained networks: relabel decides what to label, not how well.
     save_model(Classifier(len(classes) - 1, cfg.classifier.model), classes, cfg, models + "/c")
     save_model(AffinityNet(cfg.affinity.model), classes, cfg, models + "/a")
-    root = storage.join(cfg.run_uri, relabel.FOLDER)
+    root = cfg.layout.relabel
     quiet = {"log": lambda _: None}
 
     first = relabel.run(cfg, date="2026-11-20", **quiet)

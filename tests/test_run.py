@@ -12,7 +12,7 @@ from conftest import tiny_networks, upload_dataset
 from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
-from pipelines.run import marker_uri, run, stage_sections
+from pipelines.run import run, stage_sections
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
 
@@ -60,7 +60,7 @@ def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp
     )
     assert set(result["stages"]) == {"cam", "random_walk", "crf"}
     assert result["stages"]["crf"]["images"] == 8
-    marker = json.loads(storage.read_bytes(marker_uri(cfg, "label"), cfg.storage))
+    marker = json.loads(storage.read_bytes(cfg.layout.marker("label"), cfg.storage))
     assert marker["config_hash"] == cfg.hash()
 
     # Through the CLI, as `make demo` runs it: nothing left to do; the saved table is printed.

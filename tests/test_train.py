@@ -31,7 +31,6 @@ from pipelines.model_record import (
     ModelRecord,
     load_network,
     read_record,
-    record_uri,
     write_record,
 )
 from pipelines.runtime import InsufficientResourcesError
@@ -109,14 +108,14 @@ def readable_images(data_dir: Path, count: int) -> list[tuple[np.ndarray, list[i
 def test_two_worker_checkpoint_gives_the_cams_of_the_in_process_model(
     cfg, classifier_record, data_dir
 ):
-    record = read_record(record_uri(cfg, "classifier"), cfg)  # read back from S3
+    record = read_record(cfg.layout.record("classifier"), cfg)  # read back from S3
     assert record.checkpoint_uri.startswith(cfg.run_uri + "/train/classifier/")
     assert record.classes[0] == "background" and len(record.classes) == 4
     assert record.backbone == "resnet18"
     assert record.config_hash == cfg.hash()
     assert classifier_record.metrics["workers"] == 2
 
-    distributed = load_network(record_uri(cfg, "classifier"), cfg, "classifier")
+    distributed = load_network(cfg.layout.record("classifier"), cfg, "classifier")
     in_process = Classifier(3, cfg.classifier.model)
     in_process.load_state_dict(read_weights(record.weights_uri, cfg))
     in_process.eval()
@@ -218,9 +217,9 @@ def test_label_actor_gives_the_in_process_affinity_labels(cfg, classifier_record
         "labels": ragged([np.array(manifest.label_indices(row)) for row in rows]),
     }
     decoded = decode_rows(batch, cfg, skipped=None)  # all readable: nothing to report
-    labelled = train_affinity.AffinityLabeler(record_uri(cfg, "classifier"), cfg)(decoded)
+    labelled = train_affinity.AffinityLabeler(cfg.layout.record("classifier"), cfg)(decoded)
 
-    classifier = load_network(record_uri(cfg, "classifier"), cfg, "classifier")
+    classifier = load_network(cfg.layout.record("classifier"), cfg, "classifier")
     assert list(labelled["image_id"]) == [row.image_id for row in rows]
     for row, image, label_map in zip(rows, labelled["image"], labelled["label_map"], strict=True):
         labels = manifest.label_indices(row)
@@ -233,8 +232,8 @@ def test_label_actor_gives_the_in_process_affinity_labels(cfg, classifier_record
 def test_affinity_net_trains_from_the_classifier_and_loads_from_its_record(
     cfg, overrides, classifier_record, data_dir
 ):
-    initial = train_affinity.initial_affinity_net(record_uri(cfg, "classifier"), cfg)
-    classifier = load_network(record_uri(cfg, "classifier"), cfg, "classifier")
+    initial = train_affinity.initial_affinity_net(cfg.layout.record("classifier"), cfg)
+    classifier = load_network(cfg.layout.record("classifier"), cfg, "classifier")
     for name, value in classifier.backbone.state_dict().items():
         assert torch.equal(initial.backbone.state_dict()[name], value), name
 
@@ -243,7 +242,7 @@ def test_affinity_net_trains_from_the_classifier_and_loads_from_its_record(
 
     assert record.stage == "affinity" and record.metrics["skipped_images"] == 2
     assert np.isfinite(record.metrics["loss"]) and record.metrics["samples"] == N_IMAGES - 2
-    distributed = load_network(record_uri(cfg, "affinity"), cfg, "affinity")
+    distributed = load_network(cfg.layout.record("affinity"), cfg, "affinity")
     in_process = AffinityNet(cfg.affinity.model)
     in_process.load_state_dict(read_weights(record.weights_uri, cfg))
     for image, _ in readable_images(data_dir, 2):
@@ -351,7 +350,7 @@ def test_model_record_rejects_changed_weights_and_other_stages(tmp_path):
         skipped_examples=[],
         created_at="2026-01-01T00:00:00+00:00",
     )
-    uri = record_uri(cfg, "classifier")
+    uri = cfg.layout.record("classifier")
     write_record(record, uri, cfg)
     with pytest.raises(ValueError, match="sha256 .* does not match"):
         load_network(uri, cfg, "classifier")
