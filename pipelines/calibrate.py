@@ -20,11 +20,10 @@ from typing import Any
 from ray import tune
 from torch import nn
 
-from pipelines import storage
+from pipelines import label, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
-from pipelines.label import read_records
-from pipelines.model_record import load_network, record_uris
+from pipelines.model_record import load_network
 from pipelines.runtime import connect
 from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou
 from wsss.cam import BackgroundParams, compute_cams
@@ -213,7 +212,7 @@ def run(
     """Calibrate with the networks of the model records `records` (by network name; default:
     this run's)."""
     _check_walk(cfg)
-    uris = record_uris(cfg, records)
-    read_records(cfg, uris)  # a missing record is a ConfigError naming it
+    # A missing record, or one for other classes, is a ConfigError naming it.
+    uris = label.models(cfg, records).uris
     networks = {name: load_network(uri, cfg, name) for name, uri in uris.items()}
     return calibrate(cfg, networks, log)

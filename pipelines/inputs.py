@@ -15,6 +15,18 @@ from wsss.affinity import AffinityNetParams
 from wsss.classifier import ClassifierParams
 
 
+def manifest_classes(cfg: RunConfig) -> list[str]:
+    """The class list of `cfg.dataset`: classes.txt beside the manifest, or VOC's."""
+    if cfg.dataset.voc_split is not None:
+        return list(manifests.VOC_CLASSES)
+    uri = manifests.classes_uri(cfg.dataset.manifest)
+    try:
+        text = storage.read_text(uri, cfg.storage)
+    except OSError as exc:
+        raise ManifestError(f"{uri}: cannot read the class list: {exc}") from exc
+    return manifests.parse_classes(text, uri)
+
+
 def load_manifest(cfg: RunConfig) -> Manifest:
     """The validated manifest of `cfg.dataset` (JSONL/Parquet with classes.txt beside it, or a
     local PASCAL VOC root when `dataset.voc_split` is set). Raises ManifestError."""
@@ -28,12 +40,11 @@ def load_manifest(cfg: RunConfig) -> Manifest:
     if not storage.is_s3(uri):
         return manifests.read_manifest(uri)
     root = storage.parent(uri)
-    classes_uri = storage.join(root, "classes.txt")
     try:
-        classes = manifests.parse_classes(storage.read_text(classes_uri, cfg.storage), classes_uri)
         records = manifests.parse_records(storage.read_bytes(uri, cfg.storage), uri)
     except OSError as exc:
         raise ManifestError(f"cannot read manifest: {exc}") from exc
+    classes = manifest_classes(cfg)
     try:
         rows = manifests.parse_manifest_records(records, classes, root)
     except ManifestError as exc:

@@ -43,8 +43,8 @@ import math
 import pickle
 import posixpath
 import time
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -53,7 +53,7 @@ import ray
 
 from pipelines import label_rows, manifests, runtime, shards, storage
 from pipelines.config import ConfigError, RunConfig
-from pipelines.inputs import load_manifest
+from pipelines.inputs import load_manifest, manifest_classes
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
 from pipelines.storage import StorageConfig
 from wsss import labeling
@@ -61,18 +61,6 @@ from wsss.imageio import encode_mask
 from wsss.training import default_device
 
 # --- planning the read ------------------------------------------------------------------------
-
-
-def manifest_classes(cfg: RunConfig) -> list[str]:
-    """The class list of the manifest: classes.txt beside it, or VOC's."""
-    if cfg.dataset.voc_split is not None:
-        return list(manifests.VOC_CLASSES)
-    uri = storage.join(storage.parent(cfg.dataset.manifest), "classes.txt")
-    try:
-        text = storage.read_text(uri, cfg.storage)
-    except OSError as exc:
-        raise manifests.ManifestError(f"{uri}: cannot read the class list: {exc}") from exc
-    return manifests.parse_classes(text, uri)
 
 
 def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
@@ -99,10 +87,9 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
         raise manifests.ManifestError(f"{uri}: manifest not found")
     root = storage.parent(uri) if storage.is_s3(uri) else posixpath.dirname(path)
     partitions = max(1, math.ceil(info.size / label_rows.MANIFEST_BYTES_PER_PARTITION))
-    ext = posixpath.splitext(path)[1].lower()
-    if ext == ".parquet":
+    if manifests.manifest_format(uri) == "parquet":
         read, step = ray.data.read_parquet(path, filesystem=fs), label_rows.rows_from_records
-    elif ext in (".jsonl", ".json"):
+    else:
         with fs.open_input_stream(path) as f:
             if f.read(4096).lstrip().startswith(b"["):
                 raise manifests.ManifestError(
@@ -110,10 +97,6 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
                     "(one object per line) or Parquet"
                 )
         read, step = ray.data.read_text(path, filesystem=fs), label_rows.rows_from_lines
-    else:
-        raise manifests.ManifestError(
-            f"{uri}: unknown manifest format {ext!r}; use .jsonl, .json or .parquet"
-        )
     rows = read.map_batches(step, fn_kwargs={"index": index, "root": root}, batch_format="pyarrow")
     return rows, partitions
 
@@ -224,13 +207,40 @@ def crf_pool(cfg: RunConfig) -> bool:
 # --- the job ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Models:
+    """The trained networks a labeling of a configuration uses: each one's model record URI and
+    record by network name, and the model version they make (what the shards are keyed by)."""
+
+    uris: dict[str, str]
+    records: dict[str, ModelRecord]
+    version: str
+    classes: list[str]  # the manifest's, which every record knows
+
+
+def models(cfg: RunConfig, records: dict[str, str | None] | None = None) -> Models:
+    """The networks `cfg`'s method needs (`RunConfig.networks`), from the model records in
+    `records` by network name (default: this run's); a ConfigError when one is missing, is for
+    another network or knows other classes than the manifest's."""
+    uris = record_uris(cfg, records)
+    read = _read_records(cfg, uris)
+    classes = manifest_classes(cfg)
+    for name, record in read.items():
+        if record.classes != classes:
+            raise ConfigError(
+                f"the {name} of {uris[name]} knows the classes {record.classes}, the manifest "
+                f"{cfg.dataset.manifest} has {classes}"
+            )
+    return Models(uris, read, model_version(read), classes)
+
+
 def model_version(records: dict[str, ModelRecord]) -> str:
     """Content hash of the checkpoints a labeling uses (the classifier's first)."""
     digest = hashlib.sha256(":".join(r.weights_sha256 for r in records.values()).encode())
     return digest.hexdigest()[:16]
 
 
-def read_records(cfg: RunConfig, uris: dict[str, str]) -> dict[str, ModelRecord]:
+def _read_records(cfg: RunConfig, uris: dict[str, str]) -> dict[str, ModelRecord]:
     """The model record of each stage at `uris`; a ConfigError says which one is missing or
     is for another stage."""
     records = {}
@@ -368,27 +378,19 @@ def run(
     records: dict[str, str] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Label the manifest (`input_uri`, default manifests.manifest) into `out_uri` (default
+    """Label the manifest (`input_uri`, default dataset.manifest) into `out_uri` (default
     label.out, else the run folder) with the networks the method needs (`RunConfig.networks`)
     from the model records in `records` by network name (default: this run's). Returns the run
     summary, also written to `<out>/label_runs/<run_id>.json` and `<out>/label_summary.json`."""
     cfg = effective_config(cfg, input_uri, out_uri, keep_stages)
     out = cfg.layout.labels
-    uris = record_uris(cfg, records)
-    records = read_records(cfg, uris)
-    classes = manifest_classes(cfg)
-    for stage, record in records.items():
-        if record.classes != classes:
-            raise ConfigError(
-                f"the {stage} of {uris[stage]} knows the classes {record.classes}, the manifest "
-                f"{cfg.dataset.manifest} has {classes}"
-            )
-    version = model_version(records)
+    networks = models(cfg, records)
+    uris, version, classes = networks.uris, networks.version, networks.classes
     runtime.connect(cfg)
     check_cluster(cfg)
 
     started_at = datetime.now(UTC)
-    run_id = f"{started_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
+    run_id = shards.new_run_id(started_at)
     retired = retire(out, cfg.storage, version, run_id) if force else 0
     if retired:
         log(f"--force: moved {retired} earlier shard file(s) to {out}/superseded/{run_id}/")

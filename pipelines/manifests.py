@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 
 from wsss.imageio import IGNORE_INDEX, ImageDecodeError, read_mask
 
+CLASSES_FILE = "classes.txt"  # beside the manifest; line 1 is background
+
 BACKGROUND = "background"
 VOC_CLASSES = (
     BACKGROUND,
@@ -177,16 +179,14 @@ def parse_parquet(data: bytes) -> list[dict]:
 def parse_records(data: bytes, name: str) -> list[dict]:
     """Manifest records from the bytes of file `name`, by its extension: .jsonl, .json
     (JSON Lines, or one JSON array of objects) or .parquet."""
-    ext = posixpath.splitext(name)[1].lower()
-    if ext == ".parquet":
+    kind = manifest_format(name)
+    if kind == "parquet":
         return parse_parquet(data)
-    if ext not in (".jsonl", ".json"):
-        raise ManifestError(f"{name}: unknown manifest format {ext!r}; use .jsonl, .json, .parquet")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ManifestError(f"{name}: not UTF-8 text ({e})") from e
-    if ext == ".json" and text.lstrip().startswith("["):
+    if kind == "json" and text.lstrip().startswith("["):
         return _parse_json_array(text, name)
     return parse_jsonl(text)
 
@@ -243,13 +243,26 @@ def missing_files(manifest: Manifest) -> list[str]:
     return missing
 
 
+def classes_uri(manifest: str) -> str:
+    """Where the class list of the manifest at path or URI `manifest` is: beside it."""
+    return posixpath.join(posixpath.dirname(manifest), CLASSES_FILE)
+
+
+def manifest_format(name: str) -> str:
+    """ "parquet", "jsonl" or "json", by the extension of the manifest file `name`."""
+    ext = posixpath.splitext(name)[1].lower()
+    if ext not in (".parquet", ".jsonl", ".json"):
+        raise ManifestError(f"{name}: unknown manifest format {ext!r}; use .jsonl, .json, .parquet")
+    return ext[1:]
+
+
 def read_manifest(path: str | os.PathLike, check_files: bool = True) -> Manifest:
     """A local manifest (.jsonl/.json/.parquet) with `classes.txt` beside it.
 
     With `check_files`, every local image and mask must exist; all missing ones are reported.
     """
     path = Path(path).absolute()
-    classes_path = path.parent / "classes.txt"
+    classes_path = Path(classes_uri(path.as_posix()))
     for required in (path, classes_path):
         if not required.is_file():
             raise ManifestError(f"{required}: file not found")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import posixpath
-import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -45,9 +44,9 @@ import pyarrow.parquet as pq
 import ray
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipelines import label, label_rows, storage
+from pipelines import label, label_rows, manifests, shards, storage
 from pipelines.config import RunConfig
-from pipelines.model_record import record_uris
+from pipelines.inputs import manifest_classes
 from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
 
@@ -192,7 +191,7 @@ def ledger_files(root: str, config: StorageConfig) -> list[str]:
 
 def valid_manifest_rows(cfg: RunConfig) -> tuple[ray.data.Dataset, int]:
     """The manifest's valid rows (`valid_rows`) and the number of join partitions they call for."""
-    rows, partitions = label.manifest_rows(cfg, label.manifest_classes(cfg))
+    rows, partitions = label.manifest_rows(cfg, manifest_classes(cfg))
     return rows.map_batches(valid_rows, batch_format="pyarrow"), partitions
 
 
@@ -259,9 +258,8 @@ def run(
     root = cfg.layout.relabel
     started = datetime.now(UTC)
     date = date or f"{started:%Y-%m-%d}"
-    run_id = f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
-    records = label.read_records(cfg, record_uris(cfg))
-    version = label.model_version(records)
+    run_id = shards.new_run_id(started)
+    version = label.models(cfg).version
     connect(cfg)
 
     night = storage.join(root, date)
@@ -298,10 +296,8 @@ def run(
     new = delta.count()
     record.update(new_or_changed=new, shards=night)
     if new:
-        classes_txt = storage.read_bytes(
-            storage.join(storage.parent(cfg.dataset.manifest), "classes.txt"), cfg.storage
-        )
-        storage.write_bytes(storage.join(night, "classes.txt"), classes_txt, cfg.storage)
+        classes_txt = storage.read_bytes(manifests.classes_uri(cfg.dataset.manifest), cfg.storage)
+        storage.write_bytes(manifests.classes_uri(night_manifest), classes_txt, cfg.storage)
         for uri, schema in ((night_manifest, NIGHT_SCHEMA), (pending_ledger, LEDGER_SCHEMA)):
             batches = delta.iter_batches(batch_format="pyarrow", batch_size=4096)
             _write_parquet(uri, schema, batches, cfg.storage)

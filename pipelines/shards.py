@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import posixpath
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Literal
 
 import numpy as np
@@ -99,6 +101,11 @@ def file_schema(kind: Kind, classes: list[str], stages: Sequence[str]) -> pa.Sch
     metadata = {META_SCHEMA_VERSION: SCHEMA_VERSION, META_CLASSES: json.dumps(classes)}
     schema = labels_schema(stages) if kind == LABELS else ERRORS_SCHEMA
     return schema.with_metadata(metadata)
+
+
+def new_run_id(started: datetime) -> str:
+    """A run's id: its start time (UTC, sortable) and a random suffix, unique across machines."""
+    return f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"
 
 
 def shard_name(model_version: str, run_id: str, task: int) -> str:
