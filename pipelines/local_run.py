@@ -24,10 +24,10 @@ from pipelines.evaluate import CLASS_REPORT_TITLE, format_table, round_metric, s
 from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.manifests import Manifest
 from wsss import labeling
-from wsss.affinity import affinity_label_map, train_affinity_net
+from wsss.affinity import AffinityNet, affinity_label_map, train_affinity_net
 from wsss.cam import CONSTANT_BACKGROUNDS, compute_cams
 from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
-from wsss.classifier import image_scores, train_classifier
+from wsss.classifier import Classifier, image_scores, train_classifier
 from wsss.imageio import decode_image, decode_mask
 from wsss.metrics import ConfusionMatrix, mean_average_precision
 from wsss.networks import initial_network
@@ -60,6 +60,88 @@ def _log_epoch(what: str, epochs: int, log: Callable[[str], None]) -> EpochEnd:
     return lambda epoch, metrics: log(epoch_summary(what, epoch, epochs, metrics))
 
 
+def fit_classifier(
+    cfg: RunConfig, examples: list[Example], n_classes: int, device, log: Callable[[str], None]
+) -> Classifier:
+    """The classifier of `cfg` trained on `examples` (its backbone weights resolved first)."""
+    start = initial_network(
+        "classifier", resolve_weights(cfg.classifier.model, cfg), n_classes, seed=cfg.seed
+    )
+    return train_classifier(
+        start,
+        [(e.image, e.labels) for e in examples],
+        cfg.classifier.augment,
+        cfg.classifier.optim,
+        cfg.seed,
+        device,
+        on_epoch_end=_log_epoch("classifier", cfg.classifier.optim.epochs, log),
+    )
+
+
+def fit_affinity_net(
+    cfg: RunConfig,
+    examples: list[Example],
+    cams: list[np.ndarray],
+    classifier: Classifier,
+    device,
+    log: Callable[[str], None],
+) -> AffinityNet:
+    """AffinityNet trained on the affinity labels of the CAMs `cams`, its backbone starting
+    from the classifier's."""
+    samples = [
+        (e.image, affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image))
+        for e, cams_fg in zip(examples, cams, strict=True)
+    ]
+    start = initial_network(
+        "affinity",
+        cfg.affinity.model,
+        classifier.n_classes,
+        classifier.backbone.state_dict(),
+        seed=cfg.seed,
+    )
+    return train_affinity_net(
+        start,
+        samples,
+        cfg.affinity.augment,
+        cfg.affinity.optim,
+        cfg.seed,
+        device,
+        on_epoch_end=_log_epoch("affinity", cfg.affinity.optim.epochs, log),
+    )
+
+
+def cam_sweep(examples: list[Example], cams: list[np.ndarray], n_all: int) -> dict:
+    """The CAM masks' confusion matrix at each of `CONSTANT_BACKGROUNDS`, over the examples
+    with ground truth."""
+    sweep = {thr: ConfusionMatrix(n_all) for thr in CONSTANT_BACKGROUNDS}
+    for e, cams_fg in zip(examples, cams, strict=True):
+        if e.mask is not None:
+            for thr, matrix in sweep.items():
+                matrix.update(labeling.cam_mask(cams_fg, CONSTANT_BACKGROUNDS[thr]), e.mask)
+    return sweep
+
+
+def score_stages(
+    labeler: labeling.Labeler,
+    seeded: list[labeling.Partial],
+    examples: list[Example],
+    n_all: int,
+) -> tuple[dict[str, ConfusionMatrix], dict[str, ClassAreas]]:
+    """Finish labeling the seeded examples; each stage's confusion matrix (over the examples
+    with ground truth) and class areas. The last stage's mask is the final pseudo-label."""
+    final = labeler.stages[-1]
+    matrices = {name: ConfusionMatrix(n_all) for name in labeler.stages}
+    areas = {name: ClassAreas(n_all) for name in labeler.stages}
+    for e, part in zip(examples, seeded, strict=True):
+        out = labeler.finish(e.image, part)
+        for name in labeler.stages:
+            mask = out.mask if name == final else out.masks[name]
+            areas[name].update(mask, e.labels)
+            if e.mask is not None:
+                matrices[name].update(mask, e.mask)
+    return matrices, areas
+
+
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """Run every stage; returns the summary (also written under the run folder)."""
     device = torch.device(cfg.device) if cfg.device else default_device()
@@ -73,75 +155,28 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     manifest = load_manifest(cfg)
     examples = load_examples(cfg, manifest)
-    n_classes = manifest.num_foreground
+    n_classes, n_all = manifest.num_foreground, manifest.num_foreground + 1
     log(f"{len(examples)} images, {n_classes} foreground classes, device {device}")
     t = lap("load", started)
 
-    classifier = train_classifier(
-        initial_network(
-            "classifier", resolve_weights(cfg.classifier.model, cfg), n_classes, seed=cfg.seed
-        ),
-        [(e.image, e.labels) for e in examples],
-        cfg.classifier.augment,
-        cfg.classifier.optim,
-        cfg.seed,
-        device,
-        on_epoch_end=_log_epoch("classifier", cfg.classifier.optim.epochs, log),
-    )
+    classifier = fit_classifier(cfg, examples, n_classes, device, log)
     targets = np.stack([manifest.label_targets(row) for row in manifest.rows])
     train_map = mean_average_precision(
         image_scores(classifier, [e.image for e in examples]), targets
     )
     t = lap("train_classifier", t)
-
-    n_all = n_classes + 1
-    sweep = {thr: ConfusionMatrix(n_all) for thr in CONSTANT_BACKGROUNDS}
     cams = [compute_cams(classifier, e.image, e.labels, cfg.cam) for e in examples]
-    for e, cams_fg in zip(examples, cams, strict=True):
-        if e.mask is not None:
-            for thr, matrix in sweep.items():
-                matrix.update(labeling.cam_mask(cams_fg, CONSTANT_BACKGROUNDS[thr]), e.mask)
+    sweep = cam_sweep(examples, cams, n_all)
     t = lap("cam", t)
-
     networks = {"classifier": classifier}
     if "affinity" in cfg.networks:  # the refiners need AffinityNet (the random walk does)
-        affinity_samples = [
-            (e.image, affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image))
-            for e, cams_fg in zip(examples, cams, strict=True)
-        ]
-        networks["affinity"] = train_affinity_net(
-            # Its backbone starts from the classifier's.
-            initial_network(
-                "affinity",
-                cfg.affinity.model,
-                n_classes,
-                classifier.backbone.state_dict(),
-                seed=cfg.seed,
-            ),
-            affinity_samples,
-            cfg.affinity.augment,
-            cfg.affinity.optim,
-            cfg.seed,
-            device,
-            on_epoch_end=_log_epoch("affinity", cfg.affinity.optim.epochs, log),
-        )
+        networks["affinity"] = fit_affinity_net(cfg, examples, cams, classifier, device, log)
         t = lap("train_affinity", t)
 
     labeler = cfg.labeler(networks)
-    final = labeler.stages[-1]
-    stages = {name: ConfusionMatrix(n_all) for name in labeler.stages}
-    areas = {name: ClassAreas(n_all) for name in stages}
-    seeded = [
-        labeler.seed(e.image, e.labels, cams_fg) for e, cams_fg in zip(examples, cams, strict=True)
-    ]
+    seeded = [labeler.seed(e.image, e.labels, c) for e, c in zip(examples, cams, strict=True)]
     t = lap("seed", t)  # the CAM masks and the refiners beside the networks (the walk)
-    for e, part in zip(examples, seeded, strict=True):
-        out = labeler.finish(e.image, part)
-        for name in labeler.stages:
-            mask = out.mask if name == final else out.masks[name]
-            areas[name].update(mask, e.labels)
-            if e.mask is not None:
-                stages[name].update(mask, e.mask)
+    stages, areas = score_stages(labeler, seeded, examples, n_all)
     lap("finish", t)  # the other refiners (the CRF) and the final masks
 
     evaluated = sum(e.mask is not None for e in examples)
@@ -157,7 +192,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
             presence_rates((e.labels for e in examples), n_all),
             areas,
             cfg.evaluate.class_report,
-            final=final,
+            final=labeler.stages[-1],
         ),
         "cam_threshold_sweep": {str(thr): round_metric(m.miou()) for thr, m in sweep.items()},
         "cam_best_threshold": best_threshold,
