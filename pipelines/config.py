@@ -225,6 +225,7 @@ class RunSettings(Section):
         description="The stages after the CAMs, in order; each is a registered refiner "
         f"({', '.join(sorted(REFINERS))}) configured by the section of its name. Each stage "
         "gets its mask, its row in the evaluation and its shard column (label.keep_stages).",
+        json_schema_extra={"items": {"type": "string", "enum": sorted(REFINERS)}},
     )
     pseudo_label: PseudoLabelParams = PseudoLabelParams()
     storage: StorageConfig = StorageConfig()
