@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -150,7 +148,6 @@ SYNTHETIC = SyntheticParams(
 def test_small_classifier_learns_synthetic_classes_on_cpu():
     train = [render_sample(0, i, SYNTHETIC) for i in range(600)]
     held_out = [render_sample(1000, i, SYNTHETIC) for i in range(200)]
-    start = time.perf_counter()
     model = train_classifier(
         initial_network("classifier", RESNET18, SYNTHETIC.n_classes, seed=0),
         [(s.image, s.labels) for s in train],
@@ -160,7 +157,6 @@ def test_small_classifier_learns_synthetic_classes_on_cpu():
         seed=0,
         device="cpu",
     )
-    seconds = time.perf_counter() - start
     scores = image_scores(model, [s.image for s in held_out])
     targets = np.stack([multi_hot(s.labels, SYNTHETIC.n_classes) for s in held_out])
     chance = targets.mean()  # mAP of uninformative scores ~ label frequency
@@ -169,4 +165,3 @@ def test_small_classifier_learns_synthetic_classes_on_cpu():
     # training seeds gave 0.58-0.67.
     assert chance < 0.4
     assert held_out_map > 0.5, f"held-out mAP {held_out_map:.3f}, chance {chance:.3f}"
-    assert seconds < 120

@@ -80,8 +80,6 @@ def test_refinement_beats_the_cams_with_the_pretrained_backbone(tmp_path):
         "affinity.optim.epochs=2",
     ]
     summary = local_run.run(load_config(overrides=overrides), log=lambda line: None)
-    seconds = summary["seconds"]
-    assert seconds["train_classifier"] + seconds["train_affinity"] < 120
     final = summary["stages"]["crf"]["miou"]
     assert final >= summary["stages"]["cam"]["miou"] + REFINE_MARGIN
     assert final >= summary["cam_best_miou"] + REFINE_MARGIN
