@@ -39,7 +39,7 @@ from wsss.classifier import ClassifierParams
 from wsss.labeling import CAM_STAGE, Labeler
 from wsss.params import Params
 from wsss.pseudo_label import PseudoLabelParams
-from wsss.refiners import REFINERS, build_refiners, networks_needed
+from wsss.refiners import REFINERS, build_refiners, check_names, networks_needed
 from wsss.synthetic import SyntheticParams
 from wsss.training import OptimParams
 from wsss.transforms import AugmentParams
@@ -237,9 +237,7 @@ class RunSettings(Section):
     @field_validator("refiners")
     @classmethod
     def _known_refiners(cls, names: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = [n for n in names if n not in REFINERS]
-        if unknown:
-            raise ValueError(f"unknown refiner(s) {unknown}; registered: {sorted(REFINERS)}")
+        check_names(names)
         if len(set(names)) != len(names):
             raise ValueError(f"a refiner may run once, got {list(names)}")
         return names

@@ -63,12 +63,17 @@ DECODED_SCHEMA = pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, pa.field("pixels", pa.b
 SEEDED_SCHEMA = pa.schema([*DECODED_SCHEMA, pa.field("seeded", pa.binary())])
 
 
+def _result_columns(stages: Sequence[str]) -> list[str]:
+    """The shards' result columns of a method with these stages."""
+    names = ("mask", "confidence", "ignore_fraction", *shards.stage_columns(stages).values())
+    return list(dict.fromkeys(names))
+
+
 def finished_schema(stages: Sequence[str]) -> pa.Schema:
     """Rows as the sink takes them: the row's fields and the shards' result columns of a method
     with these stages, null while a row has no result."""
     labels = shards.labels_schema(stages)
-    names = ("mask", "confidence", "ignore_fraction", *shards.stage_columns(stages).values())
-    results = [labels.field(name).with_nullable(True) for name in dict.fromkeys(names)]
+    results = [labels.field(name).with_nullable(True) for name in _result_columns(stages)]
     return pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, *results])
 
 
@@ -293,8 +298,7 @@ def row_image(row: dict) -> np.ndarray:
 def finished_row(row: dict, stages: Sequence[str]) -> dict:
     """A decoded or seeded row as the sink takes it: its fields, no results yet."""
     final = {f.name: row[f.name] for f in (*_ROW_FIELDS, *_SIZE_FIELDS)}
-    results = finished_schema(stages).names[len(final) :]
-    return final | dict.fromkeys(results)
+    return final | dict.fromkeys(_result_columns(stages))
 
 
 # --- the sink -----------------------------------------------------------------------------------

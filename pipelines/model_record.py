@@ -13,17 +13,18 @@ import hashlib
 import io
 import json
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from torch import nn
 
 from pipelines import storage
 from pipelines.config import RunConfig
 from wsss.networks import NETWORKS, build_network
 
-Stage = Literal["classifier", "affinity"]  # the keys of wsss.networks.NETWORKS
+# A trained network's name: a key of `wsss.networks.NETWORKS` (a record's is checked against it).
+Stage = str
 # Files of a training checkpoint folder.
 WEIGHTS_FILE = "model.pt"  # the network's state dict
 TRAIN_STATE_FILE = "train_state.pt"  # optimizer state and step count, for resuming
@@ -47,6 +48,13 @@ class ModelRecord(BaseModel):
     metrics: dict[str, float]
     skipped_examples: list[str]  # a few unreadable rows training skipped ("id (uri): reason")
     created_at: str
+
+    @field_validator("stage")
+    @classmethod
+    def _known_network(cls, stage: str) -> str:
+        if stage not in NETWORKS:
+            raise ValueError(f"unknown network {stage!r}; known: {sorted(NETWORKS)}")
+        return stage
 
 
 def record_uris(cfg: RunConfig, given: dict[str, str | None] | None = None) -> dict[str, str]:

@@ -11,8 +11,17 @@ from wsss.refiners.base import (
     Refiner,
     Scores,
     build_refiners,
+    check_names,
     networks_needed,
     register,
 )
 
-__all__ = ["REFINERS", "Refiner", "Scores", "build_refiners", "networks_needed", "register"]
+__all__ = [
+    "REFINERS",
+    "Refiner",
+    "Scores",
+    "build_refiners",
+    "check_names",
+    "networks_needed",
+    "register",
+]

@@ -96,6 +96,13 @@ def register(cls: type[Refiner]) -> type[Refiner]:
     return cls
 
 
+def check_names(names: Sequence[str]) -> None:
+    """ValueError unless every name in `names` is a registered refiner."""
+    unknown = [name for name in names if name not in REFINERS]
+    if unknown:
+        raise ValueError(f"unknown refiner(s) {unknown}; registered: {sorted(REFINERS)}")
+
+
 def networks_needed(names: Sequence[str]) -> list[str]:
     """The trained networks the refiners `names` need, in order, each once."""
     return list(dict.fromkeys(n for name in names for n in REFINERS[name].networks))
@@ -105,7 +112,5 @@ def build_refiners(
     stages: Sequence[tuple[str, Params]], networks: Mapping[str, nn.Module] | None = None
 ) -> list[Refiner]:
     """The refiners of `stages`, (registered name, its params) in order."""
-    unknown = [name for name, _ in stages if name not in REFINERS]
-    if unknown:
-        raise ValueError(f"unknown refiner(s) {unknown}; registered: {sorted(REFINERS)}")
+    check_names([name for name, _ in stages])
     return [REFINERS[name](params, networks) for name, params in stages]
