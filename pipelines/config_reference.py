@@ -78,7 +78,8 @@ def _rows(model: type[BaseModel], defaults: BaseModel, prefix: str) -> list[tupl
         if section is not None:
             rows += _rows(section, value, f"{path}.")
             continue
-        default = json.dumps(written[name])
+        # A family's default member may be written by omission (the plain CAM): its name.
+        default = json.dumps(written[name] if name in written else value.name)
         members = _members(field.annotation)
         if members:
             # One row naming the members, then each member's own settings, marked with its name.

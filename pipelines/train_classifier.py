@@ -1,7 +1,8 @@
 """`wsss train-classifier`: the classifier trained with Ray Train on the manifest's images.
 
-Ray Data fetches and decodes the images (`pipelines.train.image_dataset`) and augments them here
-with `wsss.classifier.classification_example`; the workers train with `classifier_step_loss`.
+Ray Data fetches and decodes the images (`pipelines.train.image_dataset`) and makes the CAM
+method's training examples of them here (`CamMethodParams.example`); the workers train with
+`classifier_step_loss`, the method's loss.
 The model record lands at `<run>/models/classifier.json`.
 """
 
@@ -17,24 +18,29 @@ from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.model_record import ModelRecord
 from pipelines.runtime import connect
 from pipelines.train import check_cluster, image_dataset, new_job, run_training
-from wsss.classifier import Classifier, classification_example, classifier_step_loss
+from wsss.cam_methods import CamMethodParams
+from wsss.classifier import Classifier, classifier_step_loss
 from wsss.networks import initial_network
 from wsss.transforms import AugmentParams
 
 
 def classification_examples(
-    batch: dict[str, np.ndarray], n_classes: int, augment_params: AugmentParams
+    batch: dict[str, np.ndarray],
+    n_classes: int,
+    augment_params: AugmentParams,
+    method: CamMethodParams,
 ) -> dict[str, np.ndarray]:
-    """Ray Data step: decoded rows -> {"image": float32 (B, 3, S, S), "targets": (B, K)}.
+    """Ray Data step: decoded rows -> the method's examples, stacked (the plain CAM's:
+    {"image": float32 (B, 3, S, S), "targets": (B, K)}).
 
     Augmentation draws from fresh entropy: Ray Data does not tell a task which epoch it
     serves, so unlike the in-process loop a run is not repeatable draw for draw."""
     rng = np.random.default_rng()
     examples = [
-        classification_example(image, labels, n_classes, rng, augment_params)
+        method.example(image, labels, n_classes, rng, augment_params)
         for image, labels in zip(batch["image"], batch["labels"], strict=True)
     ]
-    return {key: np.stack([e[key] for e in examples]) for key in ("image", "targets")}
+    return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
 
 def initial_classifier(n_classes: int, cfg: RunConfig) -> Classifier:
@@ -54,7 +60,11 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
     job = new_job("classifier", cfg, manifest, cfg.classifier, build_model, classifier_step_loss)
     dataset = image_dataset(manifest, cfg, job.skipped).map_batches(
         classification_examples,
-        fn_kwargs={"n_classes": n_classes, "augment_params": cfg.classifier.augment},
+        fn_kwargs={
+            "n_classes": n_classes,
+            "augment_params": cfg.classifier.augment,
+            "method": cfg.classifier.model.method,
+        },
         batch_size=cfg.ray.rows_per_block,
         batch_format="numpy",
     )

@@ -5,15 +5,9 @@ import pytest
 import torch
 import torchvision
 
-from wsss.classifier import (
-    Classifier,
-    ClassifierParams,
-    classification_example,
-    classification_loss,
-    image_scores,
-    multi_hot,
-    train_classifier,
-)
+from wsss.cam_methods import classification_loss, multi_hot
+from wsss.cam_methods.plain import PlainCamParams
+from wsss.classifier import Classifier, ClassifierParams, image_scores, train_classifier
 from wsss.metrics import mean_average_precision
 from wsss.networks import initial_network
 from wsss.synthetic import SyntheticParams, render_sample
@@ -84,7 +78,7 @@ def test_classification_batches_shapes_order_and_targets():
     batches = list(
         shuffled_batches(
             samples,
-            lambda sample, rng: classification_example(*sample, 3, rng, params),
+            lambda sample, rng: PlainCamParams().example(*sample, 3, rng, params),
             2,
             np.random.default_rng(7),
         )

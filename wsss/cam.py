@@ -1,5 +1,6 @@
-"""Class activation maps, IRN style: relu(score maps) summed over scales and horizontal flips,
-upsampled, each labelled class divided by its maximum, unlabelled classes zeroed."""
+"""Class activation maps, IRN style: the classifier's seed maps (the plain CAM: relu of its class
+score maps; `wsss.cam_methods`) summed over scales and horizontal flips, upsampled, each labelled
+class divided by its maximum, unlabelled classes zeroed."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
-from wsss.classifier import multi_hot
+from wsss.cam_methods import multi_hot
 from wsss.params import Params
 from wsss.transforms import check_image, normalize
 
@@ -75,9 +76,10 @@ def compute_cams_batch(
 ) -> torch.Tensor:
     """CAMs (B, K, oh, ow) of same-size normalised images (B, 3, H, W).
 
-    `model` needs `score_maps(x) -> (B, K, h, w)`; it runs in eval mode on its own device (the
-    result stays there). `label_mask` (B, K) bool marks each image's classes; the others are
-    zero, labelled ones peak at 1 (unless the class never activates, then they stay 0).
+    `model` needs `seed_maps(x) -> (B, K, h, w)` (a `Classifier`: its CAM method's); it runs
+    in eval mode on its own device (the result stays there). `label_mask` (B, K) bool marks
+    each image's classes; the others are zero, labelled ones peak at 1 (unless the class never
+    activates, then they stay 0).
     """
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(
@@ -99,7 +101,7 @@ def compute_cams_batch(
             x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=scale < 1)
         if params.flip:  # both orientations in one forward pass
             x = torch.cat([x, x.flip(-1)])
-        maps = F.relu(model.score_maps(x))
+        maps = model.seed_maps(x)
         if params.flip:
             maps = maps[:batch] + maps[batch:].flip(-1)
         maps = F.interpolate(maps, output_size, mode="bilinear", align_corners=False)
@@ -121,7 +123,7 @@ def compute_cams(
     output_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """CAMs float32 (K, H, W) (or `output_size`) of one uint8 (H, W, 3) image with class
-    indices `labels` in 1..K. `model` needs `score_maps` and `n_classes`; it is moved to
+    indices `labels` in 1..K. `model` needs `seed_maps` and `n_classes`; it is moved to
     `device` when one is given, else it runs where it is."""
     check_image(image)
     if device is not None:

@@ -1,5 +1,7 @@
 """Multi-label image classifier whose 1x1 convolution head gives the class activation maps:
-backbone -> score maps (B, K, h, w) -> pooling -> logits (B, K); logit k <-> class k + 1."""
+backbone -> head maps -> class score maps (B, K, h, w) -> pooling -> logits (B, K); logit k <->
+class k + 1. The CAM method (`wsss.cam_methods`) says how many head maps each class has, how the
+classifier trains and what its seed maps are."""
 
 from __future__ import annotations
 
@@ -7,16 +9,17 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
 from wsss.backbone import BackboneParams, backbone_from_params
+from wsss.cam_methods import CAM_METHODS, CamMethodChoice, multi_hot
+from wsss.cam_methods.plain import PlainCamParams
 from wsss.params import Params
 from wsss.poolings import POOLINGS, Pooling
 from wsss.poolings.global_pool import GapParams
 from wsss.training import Batch, EpochEnd, OptimParams, check_samples, train_in_process
-from wsss.transforms import AugmentParams, augment, check_image, normalize
+from wsss.transforms import AugmentParams, check_image, normalize
 
 
 class ClassifierParams(Params):
@@ -28,10 +31,26 @@ class ClassifierParams(Params):
         description="How the class score maps become logits: a pooling's name "
         f"({', '.join(POOLINGS)}) or its settings with `name` (wsss.poolings).",
     )
+    method: CamMethodChoice = Field(
+        PlainCamParams(),
+        description="The CAM method: what it adds to training and how it makes the seed maps; "
+        f"a method's name ({', '.join(CAM_METHODS)}) or its settings with `name` "
+        "(wsss.cam_methods).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_the_plain_cam(self, write: SerializerFunctionWrapHandler) -> dict:
+        # The plain CAM is written by omission, so configurations and model records from
+        # before the family was added keep their hashes (a changed hash retrains the networks).
+        written = write(self)
+        if written.get("method") in ("cam", {"name": "cam"}):
+            del written["method"]
+        return written
 
 
 class Classifier(nn.Module):
-    """Backbone + bias-free 1x1 convolution head + pooling."""
+    """Backbone + bias-free 1x1 convolution head + pooling, and the CAM method that shapes the
+    head, the training loss and the seed maps (`wsss.cam_methods`)."""
 
     def __init__(self, n_classes: int, params: ClassifierParams | None = None) -> None:
         super().__init__()
@@ -41,51 +60,28 @@ class Classifier(nn.Module):
         self.n_classes = n_classes
         self.params = params
         self.backbone = backbone_from_params(params.backbone)
+        self.method = params.method.build()
         # No bias: a CAM is then exactly the head applied to the features at each position.
-        self.head = nn.Conv2d(self.backbone.channels[-1], n_classes, kernel_size=1, bias=False)
+        maps = n_classes * self.method.maps_per_class
+        self.head = nn.Conv2d(self.backbone.channels[-1], maps, kernel_size=1, bias=False)
         self.pool = params.pooling.build()
 
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Raw class scores (B, K, h, w) at the backbone's output stride, before any relu."""
-        return self.head(self.backbone(x)[-1])
+        return self.method.class_maps(self.head(self.backbone(x)[-1]))
+
+    def seed_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The CAM method's non-negative seed maps (B, K, h, w) of one scale of images x."""
+        return self.method.seed_maps(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.score_maps(x))
 
 
-def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Multi-label soft-margin loss of logits (B, K) against multi-hot targets (B, K)."""
-    return F.multilabel_soft_margin_loss(logits, targets)
-
-
 def classifier_step_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """`step_loss` for `wsss.training.fit`: batch "image" (B, 3, H, W), "targets" (B, K)."""
-    return classification_loss(model(batch["image"]), batch["targets"]), {}
-
-
-def multi_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:
-    """Class indices 1..K -> float32 (K,) targets (class k at position k - 1)."""
-    targets = np.zeros(n_classes, dtype=np.float32)
-    for label in labels:
-        if not 1 <= label <= n_classes:
-            raise ValueError(
-                f"label {label} is not a foreground class index in 1..{n_classes} "
-                "(0 is background and is never an image label)"
-            )
-        targets[label - 1] = 1.0
-    return targets
-
-
-def classification_example(
-    image: np.ndarray,
-    labels: Sequence[int],
-    n_classes: int,
-    rng: np.random.Generator,
-    augment_params: AugmentParams,
-) -> dict[str, np.ndarray]:
-    """One augmented training example: {"image": float32 (3, S, S), "targets": float32 (K,)}."""
-    augmented, _ = augment(image, rng, augment_params)
-    return {"image": augmented, "targets": multi_hot(labels, n_classes)}
+    """`step_loss` for `wsss.training.fit`: the loss of the classifier's CAM method on a batch of
+    its examples (`model.method`: the network's, also through a data-parallel wrapper)."""
+    return model.method.loss(model, batch)
 
 
 def train_classifier(
@@ -100,7 +96,7 @@ def train_classifier(
     """Train `model` (`wsss.networks.initial_network`) in this process on (image uint8 HWC,
     labels 1..K) samples. Epoch e's shuffling and augmentation depend only on (seed, e).
     Returns the model in eval mode."""
-    n_classes = model.n_classes
+    n_classes, method = model.n_classes, model.params.method
 
     def check(sample: tuple[np.ndarray, Sequence[int]]) -> None:
         check_image(sample[0])
@@ -111,7 +107,7 @@ def train_classifier(
     def make_example(
         sample: tuple[np.ndarray, Sequence[int]], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        return classification_example(*sample, n_classes, rng, augment_params)
+        return method.example(*sample, n_classes, rng, augment_params)
 
     return train_in_process(
         model, samples, make_example, classifier_step_loss, optim_params, seed, device, on_epoch_end

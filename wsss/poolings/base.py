@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from wsss.params import Params
+from wsss.params import Params, registrar
 
 
 class PoolingParams(Params):
@@ -26,12 +26,4 @@ class PoolingParams(Params):
 
 
 POOLINGS: dict[str, type[PoolingParams]] = {}
-
-
-def register(cls: type[PoolingParams]) -> type[PoolingParams]:
-    """Class decorator: make the pooling `cls` selectable by the default of its `name`."""
-    name = cls.model_fields["name"].default
-    if not isinstance(name, str) or name in POOLINGS:
-        raise ValueError(f"a pooling needs a new `name` with a default, got {name!r}")
-    POOLINGS[name] = cls
-    return cls
+register = registrar(POOLINGS, "pooling")

@@ -1,0 +1,95 @@
+"""What every CAM method is: what it adds to the classifier's training (the examples made of an
+image, the loss of a batch) and how it makes an image's seed maps at inference.
+
+The classifier (`wsss.classifier.Classifier`) holds its method as a module. The method says how
+many maps its 1x1 head gives per class and how they become one map per class (`class_maps`),
+the training loss of a batch (`loss`), and the maps the CAM stage turns into seeds (`seed_maps`:
+one image scale and orientation; `wsss.cam` sums scales and flips, upsamples and normalises them
+alike for every method). `CamMethod` is the plain CAM's behaviour (Zhou et al.; IRN); a member
+overrides what it changes. Every path trains and labels through these hooks: the in-process loop,
+the Ray Train job and the labeling actors never ask which method it is.
+
+Adding a CAM method: a module in `wsss/cam_methods/` with a `CamMethodParams` subclass whose
+`name` is a one-value `Literal` (the name users write in `classifier.model.method`) and whose
+`build` returns its `CamMethod`, decorated `@register`, and its import in
+`wsss/cam_methods/__init__.py`; docs/architecture.md walks through it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wsss.params import Params, registrar
+from wsss.training import Batch
+from wsss.transforms import AugmentParams, augment
+
+
+def multi_hot(labels: Sequence[int], n_classes: int) -> np.ndarray:
+    """Class indices 1..K -> float32 (K,) targets (class k at position k - 1)."""
+    targets = np.zeros(n_classes, dtype=np.float32)
+    for label in labels:
+        if not 1 <= label <= n_classes:
+            raise ValueError(
+                f"label {label} is not a foreground class index in 1..{n_classes} "
+                "(0 is background and is never an image label)"
+            )
+        targets[label - 1] = 1.0
+    return targets
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label soft-margin loss of logits (B, K) against multi-hot targets (B, K)."""
+    return F.multilabel_soft_margin_loss(logits, targets)
+
+
+class CamMethod(nn.Module):
+    """The plain CAM: one head map per class, trained by multi-label classification of the
+    pooled maps, seeds = relu of the class score maps."""
+
+    maps_per_class = 1
+
+    def class_maps(self, head_maps: torch.Tensor) -> torch.Tensor:
+        """The head's maps (B, K * maps_per_class, h, w) -> one score map per class (B, K, h, w)."""
+        return head_maps
+
+    def seed_maps(self, classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Non-negative seed maps (B, K, h, w) of normalised images x (B, 3, H, W)."""
+        return F.relu(classifier.score_maps(x))
+
+    def loss(self, classifier: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The training loss of a batch of `CamMethodParams.example`s, and metrics to report.
+        `classifier` is called (not its parts), so that data-parallel training sees the call."""
+        return classification_loss(classifier(batch["image"]), batch["targets"]), {}
+
+
+class CamMethodParams(Params):
+    """A CAM method's settings; `name` tells the members apart in the configuration."""
+
+    name: str
+
+    def build(self) -> CamMethod:
+        """The method's module, held by the classifier."""
+        raise NotImplementedError(f"{type(self).__name__} builds no CAM method")
+
+    def example(
+        self,
+        image: np.ndarray,
+        labels: Sequence[int],
+        n_classes: int,
+        rng: np.random.Generator,
+        augment_params: AugmentParams,
+    ) -> dict[str, np.ndarray]:
+        """One training example of uint8 (H, W, 3) `image` with class indices `labels`: by
+        default {"image": float32 (3, S, S) augmented, "targets": float32 (K,)}; a method with
+        extra views or inputs adds them here and uses them in its `loss`."""
+        augmented, _ = augment(image, rng, augment_params)
+        return {"image": augmented, "targets": multi_hot(labels, n_classes)}
+
+
+CAM_METHODS: dict[str, type[CamMethodParams]] = {}
+register = registrar(CAM_METHODS, "CAM method")
