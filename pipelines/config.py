@@ -32,7 +32,7 @@ from torch import nn
 from pipelines.layout import RunLayout
 from pipelines.storage import StorageConfig, join
 from wsss.affinity import AffinityLabelParams, AffinityNetParams
-from wsss.backbone import BackboneParams
+from wsss.backbones import BackboneParams
 from wsss.cam import CamParams
 from wsss.class_report import ClassReportParams
 from wsss.classifier import ClassifierParams

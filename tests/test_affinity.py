@@ -21,7 +21,7 @@ from wsss.affinity import (
     reduce_label_map,
     train_affinity_net,
 )
-from wsss.backbone import BackboneParams, build_backbone
+from wsss.backbones import BackboneParams, build_backbone
 from wsss.neighbourhood import offsets, pair_valid, shifted
 from wsss.networks import initial_network
 from wsss.synthetic import Sample, SyntheticParams, render_sample

@@ -8,13 +8,14 @@ import torch
 import torchvision
 from pydantic import ValidationError
 
-from wsss.backbone import (
+from wsss.backbones import (
+    LIBRARIES,
     BackboneParams,
-    ResNetBackbone,
     backbone_from_params,
     build_backbone,
     load_backbone_weights,
 )
+from wsss.backbones.torchvision_resnet import ResNetBackbone
 
 torch.set_num_threads(1)
 
@@ -174,7 +175,8 @@ def test_packaged_lite0_weights_classify_a_real_photo_offline():
     import numpy as np
     import timm
 
-    from wsss.backbone import packaged_weights_path, timm_state_dict
+    from wsss.backbones import packaged_weights_path
+    from wsss.backbones.timm_model import timm_state_dict
 
     raw = torch.load(packaged_weights_path(PACKAGED[5:]), map_location="cpu", weights_only=True)
     assert next(iter(raw)).startswith("_conv_stem.")  # lukemelas' layout, converted by order
@@ -201,7 +203,8 @@ def test_timm_backbone_loads_packaged_weights_and_renormalises_inputs():
     assert backbone.strides == (4, 8, 16, 16)
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
     load_backbone_weights(backbone_from_params(params), params.weights)  # twice: no state kept
-    from wsss.backbone import packaged_weights_path, timm_state_dict
+    from wsss.backbones import packaged_weights_path
+    from wsss.backbones.timm_model import timm_state_dict
 
     raw = torch.load(packaged_weights_path(PACKAGED[5:]), weights_only=True)
     reference.load_state_dict(timm_state_dict("tf_efficientnet_lite0", dict(raw)))
@@ -273,3 +276,16 @@ def test_a_resnet_name_keeps_torchvision_whatever_the_default_library():
     # Weights meant for another network are refused, naming the field, not silently dropped.
     with pytest.raises(ConfigError, match=r"affinity\.model\.backbone\.weights: .*not torchvision"):
         load_config(None, ["affinity.model.backbone.name=resnet18"])
+
+
+def test_the_libraries_are_the_registered_members_and_the_schema_lists_them():
+    assert list(LIBRARIES) == ["timm", "torchvision"]
+    schema = BackboneParams.model_json_schema()["properties"]["library"]
+    assert {"enum": ["timm", "torchvision"], "type": "string"} in schema["anyOf"]
+    # A name no library claims falls to timm; torchvision claims its ResNets.
+    assert [
+        BackboneParams(name=n).network_library for n in ("resnet50", "mobilenetv3_small_050")
+    ] == [
+        "torchvision",
+        "timm",
+    ]

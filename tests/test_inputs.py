@@ -9,7 +9,7 @@ from pipelines import inputs
 from pipelines.config import load_config
 from pipelines.manifests import ManifestError
 from wsss import synthetic
-from wsss.backbone import BackboneParams, build_backbone, load_backbone_weights
+from wsss.backbones import BackboneParams, build_backbone, load_backbone_weights
 from wsss.classifier import ClassifierParams
 from wsss.synthetic import SyntheticParams
 

@@ -4,7 +4,7 @@ import torch
 
 from wsss import labeling
 from wsss.affinity import AffinityNet, AffinityNetParams
-from wsss.backbone import BackboneParams
+from wsss.backbones import BackboneParams
 from wsss.cam import BackgroundParams, CamParams
 from wsss.classifier import Classifier, ClassifierParams
 from wsss.crf import CrfParams

@@ -20,7 +20,7 @@ from PIL import Image
 from pydantic import Field, model_validator
 from torch import nn
 
-from wsss.backbone import BackboneParams, backbone_from_params
+from wsss.backbones import BackboneParams, backbone_from_params
 from wsss.cam import otsu_threshold
 from wsss.crf import CrfParams, dense_crf
 from wsss.imageio import IGNORE_INDEX

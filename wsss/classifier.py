@@ -12,7 +12,7 @@ import torch
 from pydantic import Field, SerializerFunctionWrapHandler, model_serializer
 from torch import nn
 
-from wsss.backbone import BackboneParams, backbone_from_params
+from wsss.backbones import BackboneParams, backbone_from_params
 from wsss.cam_methods import CAM_METHODS, CamMethodChoice, multi_hot
 from wsss.cam_methods.plain import PlainCamParams
 from wsss.params import Params

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from wsss.affinity import AffinityNet, AffinityNetParams
-from wsss.backbone import WeightsSource, load_backbone_weights
+from wsss.backbones import WeightsSource, load_backbone_weights
 from wsss.classifier import Classifier, ClassifierParams
 from wsss.params import Params
 
