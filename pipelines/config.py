@@ -267,6 +267,20 @@ class RunSettings(Section):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def for_labeling(
+        self, manifest: str | None = None, out: str | None = None, keep_stages: bool = False
+    ) -> RunSettings:
+        """This configuration with a labeling command's choices applied (another manifest, where
+        the shards go, every stage's mask kept), so that its hash covers them."""
+        data = self.model_dump(mode="json")
+        if manifest is not None:
+            data["dataset"] |= {"manifest": manifest, "voc_split": None}
+        if out is not None:
+            data["label"]["out"] = out
+        if keep_stages:
+            data["label"]["keep_stages"] = True
+        return type(self).model_validate(data)
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 

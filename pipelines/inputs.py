@@ -1,14 +1,22 @@
 """What a run reads besides images: the dataset manifest and pretrained backbone weights, from
 local paths or object storage.
 
-The parsing and validation rules are `pipelines.manifests`'s; this module only fetches the bytes.
+The parsing and validation rules are `pipelines.manifests`'s; this module fetches the bytes, or
+reads the manifest as a Ray Dataset (`manifest_dataset`: the labeling and relabel jobs, at any
+manifest size) or whole on the driver (`load_manifest`: training and the in-process run).
 """
 
 from __future__ import annotations
 
+import math
+import posixpath
 from typing import TypeVar
 
-from pipelines import manifests, storage
+import pyarrow as pa
+import pyarrow.fs as pafs
+import ray
+
+from pipelines import label_rows, manifests, storage
 from pipelines.config import RunConfig
 from pipelines.manifests import Manifest, ManifestError
 from wsss.affinity import AffinityNetParams
@@ -50,6 +58,37 @@ def load_manifest(cfg: RunConfig) -> Manifest:
     except ManifestError as exc:
         raise ManifestError(exc.problems, f"{uri}: {len(exc.problems)} problem(s)") from None
     return Manifest(classes, rows, root)
+
+
+def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
+    """The manifest's rows as `label_rows.ROW_SCHEMA` rows (an invalid one an error row), read
+    and validated in Ray Data tasks, and the number of anti-join partitions its size calls for.
+    A VOC layout (local, at most tens of thousands of rows) is read and validated on the driver."""
+    uri = cfg.dataset.manifest
+    if cfg.dataset.voc_split is not None:
+        rows = [
+            label_rows.manifest_row(r.image_id, r.image, r.labels) for r in load_manifest(cfg).rows
+        ]
+        return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=label_rows.ROW_SCHEMA)), 1
+    index = {name: i for i, name in enumerate(classes)}
+    fs, path = storage.filesystem(uri, cfg.storage)
+    info = fs.get_file_info(path)
+    if info.type != pafs.FileType.File:
+        raise ManifestError(f"{uri}: manifest not found")
+    root = storage.parent(uri) if storage.is_s3(uri) else posixpath.dirname(path)
+    partitions = max(1, math.ceil(info.size / label_rows.MANIFEST_BYTES_PER_PARTITION))
+    if manifests.manifest_format(uri) == "parquet":
+        read, step = ray.data.read_parquet(path, filesystem=fs), label_rows.rows_from_records
+    else:
+        with fs.open_input_stream(path) as f:
+            if f.read(4096).lstrip().startswith(b"["):
+                raise ManifestError(
+                    f"{uri}: a JSON array cannot be streamed; write the manifest as JSON Lines "
+                    "(one object per line) or Parquet"
+                )
+        read, step = ray.data.read_text(path, filesystem=fs), label_rows.rows_from_lines
+    rows = read.map_batches(step, fn_kwargs={"index": index, "root": root}, batch_format="pyarrow")
+    return rows, partitions
 
 
 ModelParams = TypeVar("ModelParams", ClassifierParams, AffinityNetParams)

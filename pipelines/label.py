@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 import posixpath
 import time
@@ -48,57 +47,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import ray
 
-from pipelines import label_rows, manifests, runtime, shards, storage
+from pipelines import label_rows, runtime, shards, storage
 from pipelines.config import ConfigError, RunConfig
-from pipelines.inputs import load_manifest, manifest_classes
+from pipelines.inputs import manifest_classes, manifest_dataset
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
 from pipelines.storage import StorageConfig
 from wsss import labeling
 from wsss.imageio import encode_mask
 from wsss.training import default_device
-
-# --- planning the read ------------------------------------------------------------------------
-
-
-def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
-    """The manifest's rows, validated in Ray Data tasks, and the number of anti-join partitions
-    its size calls for. A VOC layout (local, at most tens of thousands of rows) is listed on the
-    driver; manifests of any size are read by Ray Data."""
-    uri = cfg.dataset.manifest
-    index = {name: i for i, name in enumerate(classes)}
-    if cfg.dataset.voc_split is not None:
-        manifest = load_manifest(cfg)
-        records = [
-            {"image_id": r.image_id, "image": r.image, "labels": list(r.labels), "mask": r.mask}
-            for r in manifest.rows
-        ]
-        rows = ray.data.from_items(records).map_batches(
-            label_rows.rows_from_records,
-            fn_kwargs={"index": index, "root": manifest.root},
-            batch_format="pyarrow",
-        )
-        return rows, 1
-    fs, path = storage.filesystem(uri, cfg.storage)
-    info = fs.get_file_info(path)
-    if info.type != pafs.FileType.File:
-        raise manifests.ManifestError(f"{uri}: manifest not found")
-    root = storage.parent(uri) if storage.is_s3(uri) else posixpath.dirname(path)
-    partitions = max(1, math.ceil(info.size / label_rows.MANIFEST_BYTES_PER_PARTITION))
-    if manifests.manifest_format(uri) == "parquet":
-        read, step = ray.data.read_parquet(path, filesystem=fs), label_rows.rows_from_records
-    else:
-        with fs.open_input_stream(path) as f:
-            if f.read(4096).lstrip().startswith(b"["):
-                raise manifests.ManifestError(
-                    f"{uri}: a JSON array cannot be streamed; write the manifest as JSON Lines "
-                    "(one object per line) or Parquet"
-                )
-        read, step = ray.data.read_text(path, filesystem=fs), label_rows.rows_from_lines
-    rows = read.map_batches(step, fn_kwargs={"index": index, "root": root}, batch_format="pyarrow")
-    return rows, partitions
 
 
 class ModelActor:
@@ -306,7 +264,7 @@ def labelled_dataset(
     """The whole plan, from the manifest to final rows (nothing runs until it is written).
     With `version`, image_ids that version already wrote under `out_uri` are skipped."""
     r = cfg.ray
-    rows, partitions = manifest_rows(cfg, classes)
+    rows, partitions = manifest_dataset(cfg, classes)
     done = None if version is None else label_rows.done_markers(out_uri, cfg.storage, version)
     if done is not None:
         rows = rows.union(done)
@@ -354,20 +312,6 @@ def labelled_dataset(
     )
 
 
-def effective_config(
-    cfg: RunConfig, input_uri: str | None, out_uri: str | None, keep_stages: bool
-) -> RunConfig:
-    """`cfg` with the command-line choices applied, so the config hash covers them."""
-    data = cfg.model_dump(mode="json")
-    if input_uri is not None:
-        data["dataset"] |= {"manifest": input_uri, "voc_split": None}
-    if out_uri is not None:
-        data["label"]["out"] = out_uri
-    if keep_stages:
-        data["label"]["keep_stages"] = True
-    return RunConfig.model_validate(data)
-
-
 def run(
     cfg: RunConfig,
     *,
@@ -382,7 +326,7 @@ def run(
     label.out, else the run folder) with the networks the method needs (`RunConfig.networks`)
     from the model records in `records` by network name (default: this run's). Returns the run
     summary, also written to `<out>/label_runs/<run_id>.json` and `<out>/label_summary.json`."""
-    cfg = effective_config(cfg, input_uri, out_uri, keep_stages)
+    cfg = cfg.for_labeling(input_uri, out_uri, keep_stages)
     out = cfg.layout.labels
     networks = models(cfg, records)
     uris, version, classes = networks.uris, networks.version, networks.classes

@@ -80,9 +80,11 @@ def finished_schema(stages: Sequence[str]) -> pa.Schema:
 # --- manifest rows ----------------------------------------------------------------------------
 
 
-def _row(
+def manifest_row(
     image_id: str, image: str, labels: Iterable[str], outcome: str = OK, failure=("", "", "")
 ) -> dict:
+    """A `ROW_SCHEMA` row: a valid manifest row (outcome OK), or an error row with its
+    (stage, error type, message) `failure`."""
     stage, error_type, message = failure
     return {
         "image_id": image_id,
@@ -115,7 +117,7 @@ def validate_record(record: object, index: dict[str, int], root: str, raw: str) 
     else:
         problems.append(f"expected a JSON object, got {type(record).__name__}")
     if parsed is not None:
-        return _row(parsed.image_id, parsed.image, parsed.labels)
+        return manifest_row(parsed.image_id, parsed.image, parsed.labels)
     fields = record if isinstance(record, dict) else {}
     image = fields.get("image") if isinstance(fields.get("image"), str) else ""
     given_id = fields.get("image_id")
@@ -128,7 +130,7 @@ def _unnamed_id(raw: str) -> str:
 
 
 def _manifest_error(image_id: str, image: str, message: str) -> dict:
-    return _row(image_id, image, [], ERROR, ("manifest", "ManifestError", message))
+    return manifest_row(image_id, image, [], ERROR, ("manifest", "ManifestError", message))
 
 
 def rows_from_lines(batch: pa.Table, index: dict[str, int], root: str) -> pa.Table:

@@ -46,7 +46,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipelines import label, label_rows, manifests, shards, storage
 from pipelines.config import RunConfig
-from pipelines.inputs import manifest_classes
+from pipelines.inputs import manifest_classes, manifest_dataset
 from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
 
@@ -191,7 +191,7 @@ def ledger_files(root: str, config: StorageConfig) -> list[str]:
 
 def valid_manifest_rows(cfg: RunConfig) -> tuple[ray.data.Dataset, int]:
     """The manifest's valid rows (`valid_rows`) and the number of join partitions they call for."""
-    rows, partitions = label.manifest_rows(cfg, manifest_classes(cfg))
+    rows, partitions = manifest_dataset(cfg, manifest_classes(cfg))
     return rows.map_batches(valid_rows, batch_format="pyarrow"), partitions
 
 
@@ -254,7 +254,7 @@ def run(
     into the dated shard set `<out>/relabel/<date>/` (date: today, UTC), taking the images'
     versions from a listing of the folder or S3 prefix `listing` when given. Returns the run
     record, also written to `<out>/relabel/runs/<run_id>.json`."""
-    cfg = label.effective_config(cfg, input_uri, out_uri, keep_stages=False)
+    cfg = cfg.for_labeling(input_uri, out_uri)
     root = cfg.layout.relabel
     started = datetime.now(UTC)
     date = date or f"{started:%Y-%m-%d}"

@@ -350,8 +350,8 @@ def bucket(*rows_: dict) -> pa.Table:
 
 
 def test_anti_join_skips_done_images_and_fails_duplicates():
-    row = label_rows._row("a", "s3://b/a.png", ["cat"])
-    marker = label_rows._row("a", None, [], "done_marker")
+    row = label_rows.manifest_row("a", "s3://b/a.png", ["cat"])
+    marker = label_rows.manifest_row("a", None, [], "done_marker")
     assert label_rows.resolve_bucket(bucket(row)).to_pylist() == [row]
     assert label_rows.resolve_bucket(bucket(marker)).num_rows == 0
     skipped = label_rows.resolve_bucket(bucket(row, marker, row)).column("outcome").to_pylist()
@@ -367,10 +367,10 @@ def test_anti_join_skips_done_images_and_fails_duplicates():
 
 
 def test_anti_join_resolves_each_image_id_of_a_bucket_on_its_own():
-    fresh = [label_rows._row(f"new{i}", f"new{i}.png", ["cat"]) for i in range(3)]
-    done = label_rows._row("done", "done.png", ["dog"])
-    twice = [label_rows._row("twice", f"t{i}.png", ["cat"]) for i in (2, 1, 3)]
-    markers = [label_rows._row(i, None, [], "done_marker") for i in ("done", "gone")]
+    fresh = [label_rows.manifest_row(f"new{i}", f"new{i}.png", ["cat"]) for i in range(3)]
+    done = label_rows.manifest_row("done", "done.png", ["dog"])
+    twice = [label_rows.manifest_row("twice", f"t{i}.png", ["cat"]) for i in (2, 1, 3)]
+    markers = [label_rows.manifest_row(i, None, [], "done_marker") for i in ("done", "gone")]
     out = label_rows.resolve_bucket(bucket(*fresh, done, *twice, *markers, fresh[0] | {}))
     outcomes = sorted((r["image_id"], r["image"], r["outcome"]) for r in out.to_pylist())
     assert outcomes == [
@@ -388,7 +388,7 @@ def test_anti_join_resolves_each_image_id_of_a_bucket_on_its_own():
 
 def test_anti_join_buckets_are_stable_and_in_range():
     table = pa.Table.from_pylist(
-        [label_rows._row(f"img{i}", "x.png", []) for i in range(200)], schema=label_rows.ROW_SCHEMA
+        [label_rows.manifest_row(f"img{i}", "x.png", []) for i in range(200)], schema=label_rows.ROW_SCHEMA
     )
     keys = label_rows.with_bucket(table, buckets=8)[label_rows.BUCKET].to_pylist()
     assert set(keys) == set(range(8))  # 200 ids fill every one of 8 buckets
