@@ -1,5 +1,5 @@
-"""Labeling throughput and memory: the Ray pipeline (`pipelines.label.run`, what `wsss label` runs)
-against the ideal of the same per-image stages run in one process per core.
+"""Labeling throughput and memory: the Ray pipeline (`pipelines.label.job.run`, what `wsss label`
+runs) against the ideal of the same per-image stages run in one process per core.
 
 Both label the same small synthetic images with the same untrained networks (ResNet-18, seeded;
 their model records are written here in the format a training writes, so no training is needed):
@@ -37,8 +37,9 @@ import ray
 import torch
 from common import machine_info, write_results
 
-from pipelines import label, storage
+from pipelines import storage
 from pipelines.config import RunConfig, load_config
+from pipelines.label import job as label
 from pipelines.model_record import (
     load_network,
     save_model,

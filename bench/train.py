@@ -26,10 +26,10 @@ import ray
 import torch
 from common import machine_info, write_results
 
-from pipelines import train_classifier
 from pipelines.config import RunConfig, load_config
 from pipelines.inputs import load_manifest
 from pipelines.local_run import load_examples
+from pipelines.train import classifier as train_classifier
 from wsss import classifier, synthetic
 from wsss.networks import initial_network
 from wsss.synthetic import SyntheticParams

@@ -20,9 +20,10 @@ from typing import Any
 from ray import tune
 from torch import nn
 
-from pipelines import label, storage
+from pipelines import storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import load_manifest
+from pipelines.label import job as label
 from pipelines.model_record import load_network
 from pipelines.runtime import connect
 from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou

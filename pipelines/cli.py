@@ -80,7 +80,7 @@ def _print_record(record: ModelRecord, say: Callable[[str], None]) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    from pipelines import train_classifier
+    from pipelines.train import classifier as train_classifier
 
     cfg = _config(args)
     with _console(cfg, "train-classifier") as say:
@@ -89,7 +89,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def cmd_train_affinity(args: argparse.Namespace) -> int:
-    from pipelines import train_affinity
+    from pipelines.train import affinity as train_affinity
 
     cfg = _config(args)
     with _console(cfg, "train-affinity") as say:
@@ -98,7 +98,7 @@ def cmd_train_affinity(args: argparse.Namespace) -> int:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from pipelines import label
+    from pipelines.label import job as label
 
     cfg = _config(args)
     with _console(cfg, "label") as say:

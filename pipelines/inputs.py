@@ -16,8 +16,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import ray
 
-from pipelines import label_rows, manifests, storage
+from pipelines import manifests, storage
 from pipelines.config import RunConfig
+from pipelines.label import rows as label_rows
 from pipelines.manifests import Manifest, ManifestError
 from wsss.affinity import AffinityNetParams
 from wsss.classifier import ClassifierParams

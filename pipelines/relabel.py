@@ -44,9 +44,11 @@ import pyarrow.parquet as pq
 import ray
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipelines import label, label_rows, manifests, shards, storage
+from pipelines import manifests, shards, storage
 from pipelines.config import RunConfig
 from pipelines.inputs import manifest_classes, manifest_dataset
+from pipelines.label import job as label
+from pipelines.label import rows as label_rows
 from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
 

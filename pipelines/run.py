@@ -17,8 +17,11 @@ import json
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from pipelines import evaluate, label, shards, storage, train_affinity, train_classifier
+from pipelines import evaluate, shards, storage
 from pipelines.config import ConfigError, RunConfig
+from pipelines.label import job as label
+from pipelines.train import affinity as train_affinity
+from pipelines.train import classifier as train_classifier
 
 # The job that trains each network a method may need (`RunConfig.networks`), as a stage.
 TRAINERS: dict[str, Callable[..., object]] = {

@@ -8,7 +8,7 @@ import pydantic
 import pytest
 import torch
 
-from pipelines.train_classifier import classification_examples
+from pipelines.train.classifier import classification_examples
 from wsss.cam import CamParams, compute_cams
 from wsss.cam_methods import CAM_METHODS, multi_hot
 from wsss.cam_methods.plain import PlainCamParams

@@ -391,7 +391,8 @@ def host(monkeypatch, nodes: list[dict[str, float]]) -> None:
 def test_cluster_at_minimum_size_hosts_the_run(tmp_path, monkeypatch, where):
     """The stages' own resource checks pass on the cluster as it starts, before any autoscaling:
     they count only the nodes that are up."""
-    from pipelines import label, train
+    from pipelines.label import job as label
+    from pipelines.train import job as train
 
     path = tmp_path / "run.yaml"
     path.write_text(run_config_text())
@@ -408,7 +409,7 @@ def test_cluster_at_minimum_size_hosts_the_run(tmp_path, monkeypatch, where):
 
 def test_resource_check_fails_when_the_gpu_group_is_too_small(tmp_path, monkeypatch):
     from pipelines.runtime import InsufficientResourcesError
-    from pipelines.train import check_cluster
+    from pipelines.train.job import check_cluster
 
     path = tmp_path / "run.yaml"
     path.write_text(run_config_text())

@@ -25,9 +25,11 @@ import ray
 import torch
 from PIL import Image
 
-from pipelines import label, label_rows, reader, shards, storage
+from pipelines import reader, shards, storage
 from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
+from pipelines.label import job as label
+from pipelines.label import rows as label_rows
 from pipelines.model_record import (
     load_network,
     save_model,
@@ -388,7 +390,8 @@ def test_anti_join_resolves_each_image_id_of_a_bucket_on_its_own():
 
 def test_anti_join_buckets_are_stable_and_in_range():
     table = pa.Table.from_pylist(
-        [label_rows.manifest_row(f"img{i}", "x.png", []) for i in range(200)], schema=label_rows.ROW_SCHEMA
+        [label_rows.manifest_row(f"img{i}", "x.png", []) for i in range(200)],
+        schema=label_rows.ROW_SCHEMA,
     )
     keys = label_rows.with_bucket(table, buckets=8)[label_rows.BUCKET].to_pylist()
     assert set(keys) == set(range(8))  # 200 ids fill every one of 8 buckets
@@ -426,7 +429,7 @@ def test_manifest_records_are_validated_row_by_row():
 def test_steps_without_a_model_never_import_torch():
     # Ray's task workers import the module of each step they run: these stay free of torch.
     code = (
-        "import sys, pipelines.label_rows, pipelines.shards; "
+        "import sys, pipelines.label.rows, pipelines.shards; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

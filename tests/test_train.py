@@ -24,7 +24,7 @@ import torch
 from conftest import tiny_networks, upload_dataset
 from torch import nn
 
-from pipelines import storage, train_affinity, train_classifier
+from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
@@ -35,7 +35,9 @@ from pipelines.model_record import (
 )
 from pipelines.runtime import InsufficientResourcesError
 from pipelines.shards import ragged
-from pipelines.train import _resume_schedule, decode_rows
+from pipelines.train import affinity as train_affinity
+from pipelines.train import classifier as train_classifier
+from pipelines.train.job import _resume_schedule, decode_rows
 from wsss import synthetic
 from wsss.affinity import AffinityNet, affinity_label_map, predict_affinity
 from wsss.cam import compute_cams

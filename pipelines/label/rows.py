@@ -5,7 +5,7 @@ and the shard sink (docs/output.md).
 Nothing here imports torch, directly or through what it imports (`tests/test_label.py` checks):
 Ray runs these steps in its task workers, which then start in under two seconds and stay small
 instead of loading torch (several seconds and ~600 MB each). The model steps are in
-`pipelines.label`.
+`pipelines.label.job`.
 """
 
 from __future__ import annotations

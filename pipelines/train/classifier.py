@@ -1,6 +1,6 @@
 """`wsss train-classifier`: the classifier trained with Ray Train on the manifest's images.
 
-Ray Data fetches and decodes the images (`pipelines.train.image_dataset`) and makes the CAM
+Ray Data fetches and decodes the images (`pipelines.train.job.image_dataset`) and makes the CAM
 method's training examples of them here (`CamMethodParams.example`); the workers train with
 `classifier_step_loss`, the method's loss.
 The model record lands at `<run>/models/classifier.json`.
@@ -17,7 +17,7 @@ from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.model_record import ModelRecord
 from pipelines.runtime import connect
-from pipelines.train import check_cluster, image_dataset, new_job, run_training
+from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
 from wsss.cam_methods import CamMethodParams
 from wsss.classifier import Classifier, classifier_step_loss
 from wsss.networks import initial_network

@@ -18,7 +18,7 @@ records and one small count record per write task:
     -> ShardSink: labels/ and errors/ files (layout and schema: `pipelines.shards`)
 
 The steps without a model (rows, anti-join, fetch + decode, the sink) are in
-`pipelines.label_rows`, which never imports torch; this module plans the job and holds the
+`pipelines.label.rows`, which never imports torch; this module plans the job and holds the
 model steps.
 
 Every manifest row travels to the sink exactly once with an `outcome`: labelled, error (with the
@@ -49,9 +49,10 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import ray
 
-from pipelines import label_rows, runtime, shards, storage
+from pipelines import runtime, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import manifest_classes, manifest_dataset
+from pipelines.label import rows as label_rows
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
 from pipelines.storage import StorageConfig
 from wsss import labeling

@@ -23,7 +23,7 @@ from pipelines.manifests import Manifest
 from pipelines.model_record import ModelRecord, load_network, read_record
 from pipelines.runtime import connect
 from pipelines.shards import ragged
-from pipelines.train import check_cluster, image_dataset, new_job, run_training
+from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
 from wsss.cam import compute_cams
 from wsss.networks import initial_network
