@@ -360,6 +360,9 @@ def parse_record(
     image_id = record.get("image_id")
     if image_id is not None and (not isinstance(image_id, str) or not image_id.strip()):
         problems.append(f"image_id: must be a non-empty string, got {image_id!r}")
+    for name, value in (("image_id", image_id), ("image", image), ("mask", mask)):
+        if isinstance(value, str) and not is_text(value):
+            problems.append(f"{name}: not valid Unicode (a lone surrogate), got {value!r}")
     labels = record.get("labels")
     if labels is None:
         problems.append("labels: missing (use [] for an image with no foreground class)")
@@ -386,6 +389,16 @@ def parse_record(
         labels=tuple(sorted(labels, key=index.__getitem__)),
         mask=None if mask is None else _resolve(mask, root),
     )
+
+
+def is_text(value: str) -> bool:
+    """Whether `value` can be written as UTF-8: JSON admits lone surrogates ("\\ud800"),
+    Parquet, object keys and file names do not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _path_field(record: dict, name: str, required: bool, problems: list[str]) -> str | None:

@@ -119,9 +119,12 @@ def validate_record(record: object, index: dict[str, int], root: str, raw: str) 
     if parsed is not None:
         return manifest_row(parsed.image_id, parsed.image, parsed.labels)
     fields = record if isinstance(record, dict) else {}
-    image = fields.get("image") if isinstance(fields.get("image"), str) else ""
-    given_id = fields.get("image_id")
-    image_id = given_id if isinstance(given_id, str) and given_id.strip() else image
+
+    def usable(value: object) -> bool:  # what an error row can carry (lone surrogates cannot)
+        return isinstance(value, str) and bool(value.strip()) and manifests.is_text(value)
+
+    image = fields["image"] if usable(fields.get("image")) else ""
+    image_id = fields["image_id"] if usable(fields.get("image_id")) else image
     return _manifest_error(image_id or _unnamed_id(raw), image, "; ".join(problems))
 
 
