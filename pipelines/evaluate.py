@@ -29,6 +29,7 @@ from wsss.imageio import decode_mask
 from wsss.metrics import ConfusionMatrix
 
 RESULT_FILE = "evaluation.json"
+MAX_PROBLEMS = 10  # examples of unusable ground truth kept in the result
 
 
 CLASS_REPORT_TITLE = (
@@ -54,10 +55,13 @@ def score_batch(
     areas = {stage: ClassAreas(n_classes) for stage in stage_columns}
     present = {stage: False for stage in stage_columns}
     evaluated = 0
+    problems: list[str] = []  # ground truth a row cannot be evaluated against: that row only
     for i, image_id in enumerate(batch["image_id"]):
         truth_uri = ground_truth.get(str(image_id))
-        truth = decode_mask(storage.read_bytes(truth_uri, config)) if truth_uri else None
-        evaluated += truth is not None
+        truth = _read_ground_truth(truth_uri, config) if truth_uri else None
+        if isinstance(truth, str):
+            problems.append(f"{image_id}: ground truth {truth_uri}: {truth}")
+            truth = None
         labels = [index[name] for name in batch["labels"][i]]
         for stage, column in stage_columns.items():
             png = batch[column][i] if column in batch else None
@@ -66,21 +70,33 @@ def score_batch(
             pred = decode_mask(png)
             present[stage] = True
             areas[stage].update(pred, labels)
-            if truth is None:
-                continue
-            if pred.shape != truth.shape:
-                raise ValueError(
-                    f"{image_id}: {column} is {pred.shape}, its ground truth {truth_uri} is "
-                    f"{truth.shape}"
+            if truth is not None and pred.shape != truth.shape:  # every stage's mask has one size
+                problems.append(
+                    f"{image_id}: ground truth {truth_uri} is {truth.shape}, the masks {pred.shape}"
                 )
-            matrices[stage].update(pred, truth)
+                truth = None
+            if truth is not None:
+                matrices[stage].update(pred, truth)
+        evaluated += truth is not None
     stages = [stage for stage in stage_columns if present[stage]]
     return {
         "stage": np.array(stages, dtype=object),
         "counts": np.array([matrices[s].counts.ravel() for s in stages]).reshape(len(stages), -1),
         "areas": np.array([areas[s].sums.ravel() for s in stages]).reshape(len(stages), -1),
         "images": np.full(len(stages), evaluated, dtype=np.int64),
+        # The batch's problems, on each of its stage rows alike (the reader takes one).
+        "unusable": np.full(len(stages), len(problems), dtype=np.int64),
+        "problems": np.array(["\n".join(problems[:MAX_PROBLEMS])] * len(stages), dtype=object),
     }
+
+
+def _read_ground_truth(uri: str, config: StorageConfig) -> np.ndarray | str:
+    """The ground-truth mask at `uri`, or why it cannot be read (that row is then not
+    evaluated; the job goes on)."""
+    try:
+        return decode_mask(storage.read_bytes(uri, config))
+    except (OSError, ValueError) as exc:  # ImageDecodeError is a ValueError
+        return f"{type(exc).__name__}: {exc}"
 
 
 def round_metric(value: float) -> float | None:
@@ -138,7 +154,11 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
     matrices: dict[str, ConfusionMatrix] = {}
     areas: dict[str, ClassAreas] = {}
     images: dict[str, int] = {}
+    unusable, problems = 0, []
     for batch in scored.iter_batches(batch_format="numpy", batch_size=None):
+        if len(batch["stage"]):
+            unusable += int(batch["unusable"][0])
+            problems += [p for p in batch["problems"][0].split("\n") if p]
         for stage, counts, sums, n in zip(
             batch["stage"], batch["counts"], batch["areas"], batch["images"], strict=True
         ):
@@ -153,6 +173,8 @@ def evaluate(out_uri: str, cfg: RunConfig, model_version: str | None = shards.LA
         "model_version": model_version,
         "classes": manifest.classes,
         "ground_truth_images": len(ground_truth),
+        "ground_truth_unusable": unusable,
+        "ground_truth_problems": problems[:MAX_PROBLEMS],
         "stages": {
             stage: stage_result(matrices[stage], images[stage])
             for stage in stage_columns
@@ -199,6 +221,11 @@ def run(
         if r["miou"] is None:
             log(f"{stage}: {r['note']} ({r['images']} image(s) with ground truth)")
     log(f"{result['ground_truth_images']} image(s) with ground truth; result in {result_uri}")
+    if result["ground_truth_unusable"]:
+        log(
+            f"{result['ground_truth_unusable']} image(s) not evaluated, their ground truth "
+            f"unusable, e.g. {result['ground_truth_problems'][0]}"
+        )
     log(CLASS_REPORT_TITLE)
     log(format_class_report(result["class_report"]))
     if cfg.evaluate.gallery_images:

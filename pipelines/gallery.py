@@ -8,8 +8,10 @@ Written to a folder (`wsss evaluate` uses `gallery/` beside its result): `galler
 
 from __future__ import annotations
 
+import hashlib
 import html
 import io
+import re
 
 import numpy as np
 from PIL import Image
@@ -59,6 +61,14 @@ def _legend(classes: list[str]) -> str:
     return "<ul class='legend'>" + "".join(items) + "</ul>"
 
 
+def file_stem(image_id: str) -> str:
+    """A file name for `image_id`, which is any text a manifest gave (slashes, "..", spaces):
+    its safe characters, at most 80, and a digest of the whole id, so two ids never share one."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._")[:80]
+    digest = hashlib.sha256(image_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe}-{digest}" if safe else digest
+
+
 def write_gallery(
     out_uri: str,
     cfg: RunConfig,
@@ -103,7 +113,7 @@ def write_gallery(
             if picture is None:
                 cells.append("<td>none</td>")
                 continue
-            name = f"images/{row['image_id']}_{column.replace(' ', '_')}.png"
+            name = f"images/{file_stem(row['image_id'])}_{column.replace(' ', '_')}.png"
             storage.write_bytes(storage.join(folder, name), _png(picture), cfg.storage)
             cells.append(f'<td><img src="{html.escape(name)}" alt="{html.escape(column)}"></td>')
         body.append(f"<tr><th>{html.escape(caption)}</th>{''.join(cells)}</tr>")

@@ -168,6 +168,25 @@ def test_all_ignore_ground_truth_reports_nothing_evaluated(ray_cluster, data_dir
     assert "| crf | nothing evaluated |" in "\n".join(lines)
 
 
+def test_unusable_ground_truth_skips_its_row_not_the_evaluation(ray_cluster, data_dir, tmp_path):
+    masks = sorted((data_dir / "masks").glob("*.png"))
+    out = tmp_path / "out"
+    write_shard(out, data_dir, lambda truth: truth)  # shards of the masks as they were
+    wrong_size = read_mask(masks[0])[:-3]
+    masks[0].write_bytes(encode_mask(wrong_size))
+    masks[1].write_bytes(b"not a png")
+    lines: list[str] = []
+    cfg = config(data_dir, tmp_path, "evaluate.gallery_images=0")
+    result = evaluate.run(cfg, str(out), model_version=VERSION, log=lines.append)
+    assert result["ground_truth_unusable"] == 2
+    problems = "\n".join(result["ground_truth_problems"])
+    assert f"is {wrong_size.shape}, the masks" in problems and "ImageDecodeError" in problems
+    for stage in DEFAULT_STAGES:  # the other images are evaluated, and perfectly
+        assert result["stages"][stage]["images"] == N_IMAGES - 2
+        assert result["stages"][stage]["miou"] == 1.0
+    assert any("2 image(s) not evaluated" in line for line in lines)
+
+
 def test_a_manifest_without_ground_truth_is_refused(ray_cluster, data_dir, tmp_path):
     manifest = data_dir / "manifest.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
@@ -176,3 +195,12 @@ def test_a_manifest_without_ground_truth_is_refused(ray_cluster, data_dir, tmp_p
     )
     with pytest.raises(evaluate.ConfigError, match="no ground-truth masks"):
         evaluate.run(config(data_dir, tmp_path), str(tmp_path / "out"), model_version=VERSION)
+
+
+def test_gallery_file_names_are_safe_and_distinct_whatever_the_image_id():
+    ids = ["../../etc/passwd", "a/b c", "a_b c", "", "ok-1", "x" * 300]
+    stems = [gallery.file_stem(i) for i in ids]
+    assert len(set(stems)) == len(ids)
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]{1,89}", stem) for stem in stems)
+    assert all(not stem.startswith(".") for stem in stems)
+    assert stems[4].startswith("ok-1-")
