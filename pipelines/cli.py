@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from pipelines.config import ConfigError, RunConfig, load_config
+from pipelines.lease import LeaseHeld
 from pipelines.manifests import ManifestError
 from wsss.networks import NETWORKS
 
@@ -307,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ManifestError) as exc:
         print(f"wsss: {exc}", file=sys.stderr)
         return 2
+    except LeaseHeld as exc:  # another run writes this output: not an error of this one
+        print(f"wsss: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinite or NaN setting: a bound like `gt=0` lets +inf through otherwise.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DatasetConfig(Section):
@@ -165,6 +166,19 @@ class LabelConfig(Section):
         ge=1,
         description="Most CRF actors when the CRF has a pool (label.crf_pool; it grows with the "
         "work); None = as many as the cluster's CPUs allow.",
+    )
+    lease_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A run holds a lease on the output it writes (`_lease.json`), renewed every "
+        "quarter of this; a lease not renewed for this long is a run that is gone, and the next "
+        "run takes it over.",
+    )
+    lease_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a `label` or `relabel` run waits for another run's lease on its "
+        "output before it gives up (exit 3, naming the holder and since when).",
     )
     min_rows_per_file: int = Field(
         1000,

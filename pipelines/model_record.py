@@ -100,11 +100,15 @@ def load_weights(record: ModelRecord, cfg: RunConfig) -> dict[str, torch.Tensor]
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
-def load_network(uri: str, cfg: RunConfig, stage: Stage) -> nn.Module:
-    """The network of `stage` from the record at `uri`, on the CPU, in eval mode."""
-    record = read_record(uri, cfg)
+def load_network(source: str | ModelRecord, cfg: RunConfig, stage: Stage) -> nn.Module:
+    """The network of `stage`, on the CPU, in eval mode, from its model record: the record at the
+    URI `source`, or a record a driver read once and handed to its actors and workers. Either
+    way the weights must hash to the record's sha256, so a record or weights replaced while a
+    job runs fail the loading instead of mixing two models under one version."""
+    record = read_record(source, cfg) if isinstance(source, str) else source
     if record.stage != stage:
-        raise ValueError(f"model record {uri} is for the {record.stage}, not the {stage}")
+        where = source if isinstance(source, str) else record.checkpoint_uri
+        raise ValueError(f"model record {where} is for the {record.stage}, not the {stage}")
     model = build_network(stage, record.model, len(record.classes) - 1)
     model.load_state_dict(load_weights(record, cfg))
     return model.eval()

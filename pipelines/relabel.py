@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 import ray
 from botocore.exceptions import BotoCoreError, ClientError
 
-from pipelines import manifests, shards, storage
+from pipelines import lease, manifests, shards, storage
 from pipelines.config import RunConfig
 from pipelines.inputs import manifest_classes, manifest_dataset
 from pipelines.label import job as label
@@ -259,11 +259,34 @@ def run(
     cfg = cfg.for_labeling(input_uri, out_uri)
     root = cfg.layout.relabel
     started = datetime.now(UTC)
-    date = date or f"{started:%Y-%m-%d}"
     run_id = shards.new_run_id(started)
     version = label.models(cfg).version
     connect(cfg)
+    # One relabel at a time per output (a cron overlap, a manual run beside the nightly one):
+    # both would plan against the same ledger and label the same images twice.
+    with lease.leased(
+        root,
+        cfg.storage,
+        run_id,
+        "wsss relabel",
+        cfg.label.lease_timeout_s,
+        cfg.label.lease_wait_s,
+        log,
+    ):
+        return _relabel(cfg, root, date or f"{started:%Y-%m-%d}", run_id, version, listing, log)
 
+
+def _relabel(
+    cfg: RunConfig,
+    root: str,
+    date: str,
+    run_id: str,
+    version: str,
+    listing: str | None,
+    log: Callable[[str], None],
+) -> dict:
+    """The relabel itself, under the lease of its root (see `run`)."""
+    started = datetime.now(UTC)
     night = storage.join(root, date)
     night_manifest = storage.join(night, f"manifest-{run_id}.parquet")
     pending_ledger = storage.join(root, LEDGER, PENDING, f"{run_id}.parquet")

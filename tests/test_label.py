@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -30,6 +31,7 @@ from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
+from pipelines.lease import leased
 from pipelines.model_record import (
     load_network,
     save_model,
@@ -342,6 +344,54 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
     assert labels.num_rows == LABELLED and errors.num_rows == ERRORS
 
 
+def test_two_runs_started_together_end_with_one_row_per_image(first_run, cfg, tmp_path):
+    out = str(tmp_path / "together")
+    patient = cfg.model_copy(update={"label": cfg.label.model_copy(update={"lease_wait_s": 600})})
+    summaries: list[dict] = []
+    start = threading.Barrier(2)
+
+    def run_one() -> None:
+        start.wait()
+        summaries.append(label.run(patient, out_uri=out, log=lambda _: None))
+
+    threads = [threading.Thread(target=run_one) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # One labelled everything while the other waited for its lease, then found nothing to do.
+    first, second = sorted(summaries, key=lambda s: s["labelled"], reverse=True)
+    assert (first["labelled"], second["labelled"], second["errors"]) == (LABELLED, 0, 0)
+    labels, errors = rows(cfg, "labels", out), rows(cfg, "errors", out)
+    ids = labels.column("image_id").to_pylist() + errors.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == INPUT_ROWS - 1
+    assert not first["lease_lost"] and not second["lease_lost"]
+
+
+def test_a_run_beside_a_running_one_exits_3_naming_it(first_run, cfg, tmp_path, capsys):
+    out = str(tmp_path / "busy")
+    with leased(out, cfg.storage, "nightly-run", "wsss relabel", 600, 0, lambda _: None):
+        code = main(
+            [
+                "label",
+                *(
+                    a
+                    for item in tiny_overrides(
+                        cfg.dataset.manifest, cfg.output, cfg.storage.s3_endpoint_url
+                    )
+                    for a in ("--set", item)
+                ),
+                "--set",
+                f"ray.address={ray.get_runtime_context().gcs_address}",
+                "--out",
+                out,
+            ]
+        )
+    assert code == 3
+    assert "is held by nightly-run on" in capsys.readouterr().err
+    assert not shards.shard_files(out, "labels", cfg.storage)
+
+
 # --- without Ray ------------------------------------------------------------------------------
 
 
@@ -424,6 +474,19 @@ def test_manifest_records_are_validated_row_by_row():
     assert (
         label_rows.validate_record([1], index, "/r", "[1]") == anonymous
     )  # found again by a re-run
+    # Lone surrogates, which JSON admits and Parquet does not: error rows, not a crashed job.
+    lines = [
+        r'{"image_id": "\ud800", "image": "a.png", "labels": ["cat"]}',
+        r'{"image": "b\udfff.png", "labels": ["cat"]}',
+        r'{"image": "c.png", "labels": ["\ud800"]}',
+        '{"image": "d.png", "labels": ["dog"]}',
+    ]
+    table = label_rows.rows_from_lines(pa.table({"text": lines}), index, "/r")
+    got = table.select(["image_id", "image", "outcome"]).to_pylist()
+    assert [r["outcome"] for r in got] == [label_rows.ERROR] * 3 + [label_rows.OK]
+    assert got[0]["image_id"] == "a.png" and got[1]["image_id"].startswith("manifest-row-")
+    assert got[2]["image_id"] == "c.png" and got[3]["image_id"] == "d"
+    assert "not valid Unicode" in table.column("error_message")[0].as_py()
 
 
 def test_steps_without_a_model_never_import_torch():

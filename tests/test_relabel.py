@@ -13,6 +13,7 @@ from conftest import upload_dataset
 
 from pipelines import relabel, shards, storage
 from pipelines.config import load_config
+from pipelines.lease import LeaseHeld, leased
 from pipelines.model_record import save_model
 from pipelines.storage import StorageConfig
 from wsss import synthetic
@@ -94,6 +95,12 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     assert len(records) == 3  # one record per run, the empty one included
     last = json.loads(storage.read_bytes("s3://" + records[-1], cfg.storage))
     assert last["run_id"] == next_night["run_id"] and last["date"] == "2026-11-21"
+
+    # A second relabel beside a running one (a cron overlap) is refused before it plans.
+    with leased(root, cfg.storage, "nightly", "wsss relabel", 600, 0, lambda _: None):
+        with pytest.raises(LeaseHeld, match="held by nightly on"):
+            relabel.run(cfg, date="2026-11-21", **quiet)
+    assert len(fs.get_file_info(pafs.FileSelector(folder))) == 3  # it recorded no run
 
 
 def test_listing_streams_image_objects_with_the_versions_a_request_gives(s3_endpoint, tmp_path):

@@ -28,9 +28,11 @@ from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import RunConfig, load_config
 from pipelines.model_record import (
+    WEIGHTS_FILE,
     ModelRecord,
     load_network,
     read_record,
+    save_model,
     write_record,
 )
 from pipelines.runtime import InsufficientResourcesError
@@ -327,6 +329,30 @@ def test_resumed_schedule_continues_the_learning_rate_and_moments():
     assert longer.last_epoch == 3
     for p in model.parameters():
         assert torch.equal(fresh.state[p]["momentum_buffer"], optimizer.state[p]["momentum_buffer"])
+
+
+def test_actors_load_the_record_the_driver_read_and_refuse_weights_changed_since(tmp_path):
+    cfg = load_config(
+        overrides=[
+            f"output={tmp_path}",
+            "classifier.model.backbone.name=resnet18",
+            "classifier.model.backbone.weights=null",
+        ]
+    )
+    torch.manual_seed(0)
+    first, second = Classifier(2, cfg.classifier.model), Classifier(2, cfg.classifier.model)
+    uri = cfg.layout.record("classifier")
+    save_model(first, ["background", "a", "b"], cfg, str(tmp_path / "first"))
+    driver_read = read_record(uri, cfg)  # what `label` and `train-affinity` hand their actors
+    # The record is replaced mid-run (a retrain): actors still get the driver's model.
+    save_model(second, ["background", "a", "b"], cfg, str(tmp_path / "second"))
+    loaded = load_network(driver_read, cfg, "classifier")
+    torch.testing.assert_close(loaded.head.weight, first.head.weight)
+    assert not torch.equal(load_network(uri, cfg, "classifier").head.weight, first.head.weight)
+    # The weights themselves overwritten in place: refused, not mixed in under the old version.
+    Path(driver_read.weights_uri).write_bytes((tmp_path / "second" / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="sha256 .* does not match"):
+        load_network(driver_read, cfg, "classifier")
 
 
 def test_model_record_rejects_changed_weights_and_other_stages(tmp_path):

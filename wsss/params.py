@@ -12,9 +12,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 
 class Params(BaseModel):
-    """Frozen, strictly validated parameter section: unknown fields are an error."""
+    """Frozen, strictly validated parameter section: unknown fields are an error, and so are
+    infinite and NaN numbers (a bound like `gt=0` lets +inf through otherwise)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 P = TypeVar("P", bound=Params)

@@ -49,7 +49,7 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import ray
 
-from pipelines import runtime, shards, storage
+from pipelines import lease, runtime, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import manifest_classes, manifest_dataset
 from pipelines.label import rows as label_rows
@@ -63,17 +63,23 @@ from wsss.training import default_device
 class ModelActor:
     """Ray Data actor: the CAMs and the refiners that run beside the networks
     (`wsss.labeling.Labeler.seed`) of decoded rows, and with `finish` the rest too
-    (`finish_row`). Each actor loads the networks from their model records once, onto the GPU
-    Ray gave it if any. A seed part handed on travels pickled: it is an intermediate of this
+    (`finish_row`). Each actor loads the networks once, onto the GPU Ray gave it if any, from
+    the model records the driver read (not from the records' URIs: a record replaced mid-run
+    must not give actors another model under the run's version; changed weights fail the
+    sha256 check). A seed part handed on travels pickled: it is an intermediate of this
     job, never stored."""
 
     def __init__(
-        self, cfg: RunConfig, records: dict[str, str], classes: list[str], finish: bool
+        self,
+        cfg: RunConfig,
+        records: dict[str, ModelRecord],
+        classes: list[str],
+        finish: bool,
     ) -> None:
         device = default_device()
         self.cfg = cfg
         self.finish = finish
-        networks = {name: load_network(uri, cfg, name).to(device) for name, uri in records.items()}
+        networks = {name: load_network(r, cfg, name).to(device) for name, r in records.items()}
         self.labeler = cfg.labeler(networks)
         self.index = {name: i for i, name in enumerate(classes)}
 
@@ -258,7 +264,7 @@ def stage_times(ds: ray.data.Dataset) -> dict[str, dict[str, float]]:
 def labelled_dataset(
     cfg: RunConfig,
     classes: list[str],
-    records: dict[str, str],
+    records: dict[str, ModelRecord],
     version: str | None,
     out_uri: str,
 ) -> ray.data.Dataset:
@@ -330,21 +336,45 @@ def run(
     cfg = cfg.for_labeling(input_uri, out_uri, keep_stages)
     out = cfg.layout.labels
     networks = models(cfg, records)
-    uris, version, classes = networks.uris, networks.version, networks.classes
     runtime.connect(cfg)
     check_cluster(cfg)
 
     started_at = datetime.now(UTC)
     run_id = shards.new_run_id(started_at)
+    # One run at a time per output: a second one would plan against the same finished shards
+    # and label every pending image again.
+    with lease.leased(
+        out,
+        cfg.storage,
+        run_id,
+        "wsss label",
+        cfg.label.lease_timeout_s,
+        cfg.label.lease_wait_s,
+        log,
+    ) as held:
+        summary = _label(cfg, networks, out, run_id, force, log)
+        summary |= {
+            "started_at": started_at.isoformat(timespec="seconds"),
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "lease_lost": held.lost,
+        }
+        return _write_summary(summary, out, cfg, log)
+
+
+def _label(
+    cfg: RunConfig, networks: Models, out: str, run_id: str, force: bool, log: Callable[[str], None]
+) -> dict:
+    """The labeling itself, under the output's lease: its counts and times."""
+    version = networks.version
     retired = retire(out, cfg.storage, version, run_id) if force else 0
     if retired:
         log(f"--force: moved {retired} earlier shard file(s) to {out}/superseded/{run_id}/")
     log(f"labeling {cfg.dataset.manifest} into {out} (model version {version}, run {run_id})")
-    ds = labelled_dataset(cfg, classes, uris, None if force else version, out)
+    ds = labelled_dataset(cfg, networks.classes, networks.records, None if force else version, out)
     sink = label_rows.ShardSink(
         out,
         cfg.storage,
-        classes,
+        networks.classes,
         cfg.stages,
         run_id,
         version,
@@ -357,7 +387,7 @@ def run(
     assert sink.counts is not None  # set by on_write_complete
     counts = sink.counts
     processed = counts["labelled"] + counts["errors"]
-    summary = {
+    return {
         "run_id": run_id,
         "input": processed + counts["skipped"],
         **counts,
@@ -369,20 +399,22 @@ def run(
         "manifest": cfg.dataset.manifest,
         "out": out,
         "method_stages": list(cfg.stages),
-        "records": uris,
+        "records": networks.uris,
         "force": force,
         "retired_files": retired,
         "keep_stages": cfg.label.keep_stages,
         "crf_pool": crf_pool(cfg),
-        "started_at": started_at.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def _write_summary(summary: dict, out: str, cfg: RunConfig, log: Callable[[str], None]) -> dict:
+    """Write the run summary to `<out>/label_runs/<run_id>.json` and `<out>/label_summary.json`."""
     text = json.dumps(summary, indent=2).encode()
-    per_run = storage.join(out, shards.RUNS_DIR, f"{run_id}.json")
+    per_run = storage.join(out, shards.RUNS_DIR, f"{summary['run_id']}.json")
     storage.write_bytes(per_run, text, cfg.storage)
     storage.write_bytes(storage.join(out, shards.SUMMARY_FILE), text, cfg.storage)
     log(
-        f"input {summary['input']}: labelled {counts['labelled']}, errors {counts['errors']}, "
-        f"skipped {counts['skipped']} ({summary['images_per_s']} images/s); summary {per_run}"
+        f"input {summary['input']}: labelled {summary['labelled']}, errors {summary['errors']}, "
+        f"skipped {summary['skipped']} ({summary['images_per_s']} images/s); summary {per_run}"
     )
     return summary

@@ -35,7 +35,7 @@ class AffinityLabeler:
     """Ray Data actor: decoded rows -> {"image_id", "image", "label_map"}, the affinity label
     map uint8 (H, W) of each image from the classifier's CAMs."""
 
-    def __init__(self, classifier_record: str, cfg: RunConfig) -> None:
+    def __init__(self, classifier_record: ModelRecord, cfg: RunConfig) -> None:
         self.cfg = cfg
         # The actor sees only the GPU Ray gave it (if any): default_device picks it.
         self.model = load_network(classifier_record, cfg, "classifier").to(default_device())
@@ -66,7 +66,7 @@ def affinity_examples(
 
 
 def affinity_label_dataset(
-    manifest: Manifest, cfg: RunConfig, classifier_record: str, skipped
+    manifest: Manifest, cfg: RunConfig, classifier_record: ModelRecord, skipped
 ) -> ray.data.Dataset:
     """The manifest's images with their affinity label maps, computed by an actor pool of
     `ray.model_actors` classifiers (each with `ray.cpus_per_actor` CPUs, and
@@ -83,7 +83,7 @@ def affinity_label_dataset(
     )
 
 
-def initial_affinity_net(classifier_record: str, cfg: RunConfig) -> AffinityNet:
+def initial_affinity_net(classifier_record: ModelRecord, cfg: RunConfig) -> AffinityNet:
     """AffinityNet before training: its backbone is the trained classifier's."""
     classifier = load_network(classifier_record, cfg, "classifier")
     return initial_network(
@@ -106,9 +106,11 @@ def run(
             f"the classifier of {classifier_record} knows the classes {classifier.classes}, "
             f"the manifest {cfg.dataset.manifest} has {manifest.classes}"
         )
-    build_model = partial(initial_affinity_net, classifier_record, cfg)
+    # The record read here, not its URI, goes to the actors and workers: one classifier for the
+    # whole job even if the record is replaced while it runs.
+    build_model = partial(initial_affinity_net, classifier, cfg)
     job = new_job("affinity", cfg, manifest, cfg.affinity, build_model, affinity_step_loss)
-    labelled = affinity_label_dataset(manifest, cfg, classifier_record, job.skipped).materialize()
+    labelled = affinity_label_dataset(manifest, cfg, classifier, job.skipped).materialize()
     dataset = labelled.map_batches(
         affinity_examples,
         fn_kwargs={
