@@ -13,7 +13,12 @@ Source versions come from one HEAD request per manifest image, or, with `--listi
 from a listing of the folder or S3 prefix the images live in: one request per 1000 objects
 instead of one per image, which is what a nightly job over millions of images wants. The listing
 also tells which image objects have arrived without a manifest row: they have no image-level
-labels, so they are counted and named in the run record, not labelled.
+labels, so they are counted and named in the run record, not labelled. Manifest rows that fail
+the manifest check become error rows of the night's shard set, keyed in the ledger by a digest of
+their problem, so each is recorded once (and again only when it changes): the run record counts
+input = labelled + errors + skipped, as `wsss label` does.
+
+One relabel runs per output at a time: it holds the lease of `<out>/relabel/` (`pipelines.lease`).
 
 Layout under `<out>/relabel/`:
     <date>/manifest.parquet, <date>/classes.txt   the night's new or changed images
@@ -30,6 +35,7 @@ the driver, which only streams the night's (small) delta into its manifest file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from collections.abc import Callable, Iterator
@@ -148,10 +154,24 @@ def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
 
 
 def valid_rows(batch: pa.Table) -> pa.Table:
-    """Ray Data step: the manifest rows that passed the manifest check (the others are left to
-    `wsss label` on the whole manifest), with the columns the night's manifest keeps."""
+    """Ray Data step: the manifest rows that passed the manifest check, with the columns the
+    night's manifest keeps."""
     ok = batch.filter(pc.equal(batch.column("outcome"), label_rows.OK))
     return ok.select(NIGHT_SCHEMA.names)
+
+
+def invalid_rows(batch: pa.Table, version: str) -> pa.Table:
+    """Ray Data step: the manifest rows that failed the manifest check (error rows), keyed for
+    the ledger by a digest of what is wrong with them: recorded once, and again only when the
+    row changes (a corrected row is a valid one and is labelled)."""
+    bad = batch.filter(pc.not_equal(batch.column("outcome"), label_rows.OK))
+    digests = [
+        "manifest-error-" + hashlib.sha256(message.encode()).hexdigest()[:16]
+        for message in bad.column("error_message").to_pylist()
+    ]
+    return bad.append_column("source_version", pa.array(digests, pa.string())).append_column(
+        "model_version", pa.array([version] * bad.num_rows, pa.string())
+    )
 
 
 def with_source_versions(
@@ -191,10 +211,23 @@ def ledger_files(root: str, config: StorageConfig) -> list[str]:
     )
 
 
-def valid_manifest_rows(cfg: RunConfig) -> tuple[ray.data.Dataset, int]:
-    """The manifest's valid rows (`valid_rows`) and the number of join partitions they call for."""
+def manifest_rows(cfg: RunConfig) -> tuple[ray.data.Dataset, int]:
+    """Every manifest row (an invalid one an error row), read once and kept in the object store
+    (spilled to disk if large) for the plan's several passes, and the join partitions it needs."""
     rows, partitions = manifest_dataset(cfg, manifest_classes(cfg))
-    return rows.map_batches(valid_rows, batch_format="pyarrow"), partitions
+    return rows.materialize(), partitions
+
+
+def _not_in_ledger(
+    rows: ray.data.Dataset, root: str, cfg: RunConfig, partitions: int
+) -> ray.data.Dataset:
+    """`rows` whose (image_id, source_version, model_version) the ledger does not hold."""
+    done = ledger_files(root, cfg.storage)
+    if not done:
+        return rows
+    fs, _ = storage.filesystem(root, cfg.storage)
+    ledger = ray.data.read_parquet(done, filesystem=fs, schema=LEDGER_SCHEMA)
+    return rows.join(ledger, "left_anti", num_partitions=partitions, on=LEDGER_SCHEMA.names)
 
 
 def read_listing(listing: str, cfg: RunConfig) -> ray.data.Dataset:
@@ -203,11 +236,18 @@ def read_listing(listing: str, cfg: RunConfig) -> ray.data.Dataset:
 
 
 def pending_rows(
-    cfg: RunConfig, root: str, version: str, listing: str | None = None, listed: str | None = None
+    cfg: RunConfig,
+    rows: ray.data.Dataset,
+    partitions: int,
+    root: str,
+    version: str,
+    listing: str | None = None,
+    listed: str | None = None,
 ) -> ray.data.Dataset:
-    """The manifest rows whose (image_id, source version) the ledger has not seen labelled by
-    model `version`; source versions from the `listing` file of the folder `listed` if given."""
-    current, partitions = valid_manifest_rows(cfg)
+    """The valid manifest `rows` whose (image_id, source version) the ledger has not seen
+    labelled by model `version`; source versions from the `listing` file of the folder `listed`
+    if given."""
+    current = rows.map_batches(valid_rows, batch_format="pyarrow")
     if listing is not None:
         listed_rows = read_listing(listing, cfg)
         current = current.join(listed_rows, "left_outer", num_partitions=partitions, on=("image",))
@@ -216,22 +256,54 @@ def pending_rows(
         fn_kwargs={"config": cfg.storage, "version": version, "listed": listed},
         batch_format="pyarrow",
     )
-    done = ledger_files(root, cfg.storage)
-    if not done:
-        return current
-    fs, _ = storage.filesystem(root, cfg.storage)
-    ledger = ray.data.read_parquet(done, filesystem=fs, schema=LEDGER_SCHEMA)
-    keys = ("image_id", "source_version", "model_version")
-    return current.join(ledger, "left_anti", num_partitions=partitions, on=keys)
+    return _not_in_ledger(current, root, cfg, partitions)
 
 
-def objects_without_rows(cfg: RunConfig, listing: str) -> ray.data.Dataset:
+def new_invalid_rows(
+    cfg: RunConfig, rows: ray.data.Dataset, partitions: int, root: str, version: str
+) -> ray.data.Dataset:
+    """The invalid manifest `rows` (`invalid_rows`) that no earlier run recorded as they are."""
+    invalid = rows.map_batches(invalid_rows, fn_kwargs={"version": version}, batch_format="pyarrow")
+    return _not_in_ledger(invalid, root, cfg, partitions)
+
+
+def objects_without_rows(
+    cfg: RunConfig, rows: ray.data.Dataset, partitions: int, listing: str
+) -> ray.data.Dataset:
     """The listed image objects that no valid manifest row names: images without image-level
     labels, which cannot be labelled."""
-    named, partitions = valid_manifest_rows(cfg)
+    named = rows.map_batches(valid_rows, batch_format="pyarrow").select_columns(["image"])
     return read_listing(listing, cfg).join(
-        named.select_columns(["image"]), "left_anti", num_partitions=partitions, on=("image",)
+        named, "left_anti", num_partitions=partitions, on=("image",)
     )
+
+
+def finished_rows(batch: pa.Table, stages: tuple[str, ...]) -> pa.Table:
+    """Ray Data step: error rows -> rows as the shard sink takes them."""
+    finished = [label_rows.finished_row(row, stages) for row in batch.to_pylist()]
+    return pa.Table.from_pylist(finished, schema=label_rows.finished_schema(stages))
+
+
+def record_invalid(
+    invalid: ray.data.Dataset, night: str, cfg: RunConfig, run_id: str, version: str
+) -> int:
+    """Write the invalid manifest rows into the night's errors/ (stage "manifest", as `wsss
+    label` records them); returns how many."""
+    sink = label_rows.ShardSink(
+        night,
+        cfg.storage,
+        manifest_classes(cfg),
+        cfg.stages,
+        run_id,
+        version,
+        cfg.hash(),
+        cfg.label.min_rows_per_file,
+    )
+    invalid.map_batches(
+        finished_rows, fn_kwargs={"stages": cfg.stages}, batch_format="pyarrow"
+    ).write_datasink(sink)
+    assert sink.counts is not None  # set by on_write_complete
+    return sink.counts["errors"]
 
 
 def _write_parquet(uri: str, schema: pa.Schema, batches, config: StorageConfig) -> None:
@@ -276,6 +348,48 @@ def run(
         return _relabel(cfg, root, date or f"{started:%Y-%m-%d}", run_id, version, listing, log)
 
 
+def _list_objects(
+    cfg: RunConfig,
+    rows: ray.data.Dataset,
+    partitions: int,
+    listed: str,
+    listing_file: str,
+    log: Callable[[str], None],
+) -> dict:
+    """List the image objects under `listed` with their versions into `listing_file`; the run
+    record's fields on the objects without a manifest row."""
+    _write_parquet(listing_file, LISTING_SCHEMA, list_versions(listed, cfg.storage), cfg.storage)
+    unnamed = objects_without_rows(cfg, rows, partitions, listing_file).materialize()
+    examples = [row["image"] for row in unnamed.take(5)]
+    if examples:
+        log(
+            f"{unnamed.count()} image object(s) under {listed} have no manifest row (no "
+            f"image-level labels), e.g. {examples[0]}: not labelled"
+        )
+    return {
+        "listing": listed,
+        "objects_without_manifest_row": unnamed.count(),
+        "objects_without_manifest_row_examples": examples,
+    }
+
+
+def _label_night(
+    cfg: RunConfig,
+    delta: ray.data.Dataset,
+    night: str,
+    night_manifest: str,
+    log: Callable[[str], None],
+) -> dict:
+    """Label the new or changed rows `delta` into the dated shard set `night`, through a night
+    manifest (`night_manifest`, its class list beside it); `wsss label`'s summary."""
+    classes_txt = storage.read_bytes(manifests.classes_uri(cfg.dataset.manifest), cfg.storage)
+    storage.write_bytes(manifests.classes_uri(night_manifest), classes_txt, cfg.storage)
+    batches = delta.iter_batches(batch_format="pyarrow", batch_size=4096)
+    _write_parquet(night_manifest, NIGHT_SCHEMA, batches, cfg.storage)
+    log(f"{delta.count()} new or changed image(s): labeling them into {night}")
+    return label.run(cfg, input_uri=night_manifest, out_uri=night, log=log)
+
+
 def _relabel(
     cfg: RunConfig,
     root: str,
@@ -297,45 +411,49 @@ def _relabel(
         "model_version": version,
         "started_at": started.isoformat(timespec="seconds"),
     }
+    rows, partitions = manifest_rows(cfg)
     listing_file = listed = None
     if listing is not None:
         listed = listing_folder(listing)
         listing_file = storage.join(root, LISTINGS, f"{run_id}.parquet")
-        _write_parquet(
-            listing_file, LISTING_SCHEMA, list_versions(listed, cfg.storage), cfg.storage
-        )
-        unnamed = objects_without_rows(cfg, listing_file).materialize()
-        examples = [row["image"] for row in unnamed.take(5)]
-        record.update(
-            listing=listed,
-            objects_without_manifest_row=unnamed.count(),
-            objects_without_manifest_row_examples=examples,
-        )
-        if examples:
-            log(
-                f"{record['objects_without_manifest_row']} image object(s) under {listed} have "
-                f"no manifest row (no image-level labels), e.g. {examples[0]}: not labelled"
-            )
+        record |= _list_objects(cfg, rows, partitions, listed, listing_file, log)
     # Computed once, kept in the object store (spilled to disk if large), streamed twice.
-    delta = pending_rows(cfg, root, version, listing_file, listed).materialize()
-    new = delta.count()
-    record.update(new_or_changed=new, shards=night)
+    delta = pending_rows(cfg, rows, partitions, root, version, listing_file, listed).materialize()
+    invalid = new_invalid_rows(cfg, rows, partitions, root, version).materialize()
+    new, n_invalid = delta.count(), invalid.count()
+    # input = labelled + errors + skipped, as `wsss label` counts: rows the ledger already
+    # holds are skipped, invalid rows are errors (once, until they change).
+    counts = {"labelled": 0, "errors": 0, "skipped": rows.count() - new - n_invalid}
+    record.update(
+        input=rows.count(), new_or_changed=new, invalid_manifest_rows=n_invalid, shards=night
+    )
+    if new or n_invalid:
+        _write_parquet(
+            pending_ledger,
+            LEDGER_SCHEMA,
+            (
+                batch
+                for part in (delta, invalid)
+                for batch in part.iter_batches(batch_format="pyarrow", batch_size=4096)
+            ),
+            cfg.storage,
+        )
+    if n_invalid:
+        counts["errors"] += record_invalid(invalid, night, cfg, run_id, version)
+        log(f"{n_invalid} invalid manifest row(s): recorded as errors in {night}")
     if new:
-        classes_txt = storage.read_bytes(manifests.classes_uri(cfg.dataset.manifest), cfg.storage)
-        storage.write_bytes(manifests.classes_uri(night_manifest), classes_txt, cfg.storage)
-        for uri, schema in ((night_manifest, NIGHT_SCHEMA), (pending_ledger, LEDGER_SCHEMA)):
-            batches = delta.iter_batches(batch_format="pyarrow", batch_size=4096)
-            _write_parquet(uri, schema, batches, cfg.storage)
-        log(f"{new} new or changed image(s): labeling them into {night}")
-        summary = label.run(cfg, input_uri=night_manifest, out_uri=night, log=log)
+        summary = _label_night(cfg, delta, night, night_manifest, log)
+        counts = {k: counts[k] + summary[k] for k in counts}
+        record["seconds"] = summary["seconds"]
+    elif not n_invalid:
+        log("nothing new or changed since the last run: nothing to label")
+    if new or n_invalid:
         # Labelled (or recorded as errors): from now on the ledger knows them.
         fs, path = storage.filesystem(pending_ledger, cfg.storage)
         fs.move(
             path, posixpath.join(posixpath.dirname(posixpath.dirname(path)), f"{run_id}.parquet")
         )
-        record.update({k: summary[k] for k in ("labelled", "errors", "skipped", "seconds")})
-    else:
-        log("nothing new or changed since the last run: nothing to label")
+    record.update(counts)
     record["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     storage.write_bytes(
         storage.join(root, RUNS, f"{run_id}.json"),

@@ -39,6 +39,9 @@ def labelled_ids(night: str, cfg) -> list[str]:
 def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tmp_path):
     data = tmp_path / "data"
     synthetic.generate(data, 5, seed=2, params=PARAMS)
+    with (data / "manifest.jsonl").open("a") as manifest:  # two rows no run can label
+        manifest.write('{"image_id": "bad-class", "image": "images/x.png", "labels": ["zebra"]}\n')
+        manifest.write("{not json\n")
     bucket = upload_dataset(s3_endpoint, data)
     cfg = load_config(
         overrides=[
@@ -60,9 +63,20 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     quiet = {"log": lambda _: None}
 
     first = relabel.run(cfg, date="2026-11-20", **quiet)
-    assert first["new_or_changed"] == 5 and first["labelled"] + first["errors"] == 5
+    assert (first["input"], first["new_or_changed"], first["invalid_manifest_rows"]) == (7, 5, 2)
+    assert first["labelled"] + first["errors"] == 7 and first["skipped"] == 0
     night = storage.join(root, "2026-11-20")
-    assert labelled_ids(night, cfg) == [f"synth-{i:06d}" for i in range(5)]
+    ids = labelled_ids(night, cfg)
+    assert len(ids) == 7 and [i for i in ids if i.startswith("synth-")] == [
+        f"synth-{i:06d}" for i in range(5)
+    ]
+    fs, _ = storage.filesystem(night, cfg.storage)
+    invalid = []
+    for path in shards.shard_files(night, shards.ERRORS, cfg.storage, model_version=None):
+        with fs.open_input_file(path) as f:
+            invalid += [r for r in pq.read_table(f).to_pylist() if r["error_stage"] == "manifest"]
+    assert sorted(row["image_id"][:13] for row in invalid) == ["bad-class", "manifest-row-"]
+    assert any("unknown class 'zebra'" in row["error_message"] for row in invalid)
 
     # Run again the same night, with the versions from a listing of the images' prefix, as the
     # nightly job over millions of images takes them: they agree with the per-image requests of
@@ -72,8 +86,9 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     upload_dataset(s3_endpoint, data, bucket, ["images/synth-000005.png"])
     listing = f"s3://{bucket}/data/images"
     again = relabel.run(cfg, date="2026-11-20", listing=listing, **quiet)
-    assert again["new_or_changed"] == 0 and "labelled" not in again
-    assert len(labelled_ids(night, cfg)) == 5  # no new rows
+    assert again["new_or_changed"] == again["invalid_manifest_rows"] == 0
+    assert again["skipped"] == again["input"] == 7 and again["labelled"] == again["errors"] == 0
+    assert len(labelled_ids(night, cfg)) == 7  # no new rows
     assert again["objects_without_manifest_row"] == 1
     assert again["objects_without_manifest_row_examples"] == [f"{listing}/synth-000005.png"]
 

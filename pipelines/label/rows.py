@@ -301,8 +301,9 @@ def row_image(row: dict) -> np.ndarray:
 
 
 def finished_row(row: dict, stages: Sequence[str]) -> dict:
-    """A decoded or seeded row as the sink takes it: its fields, no results yet."""
-    final = {f.name: row[f.name] for f in (*_ROW_FIELDS, *_SIZE_FIELDS)}
+    """A row as the sink takes it: its fields (the size None for a row never decoded, e.g. an
+    invalid manifest row), no results yet."""
+    final = {f.name: row.get(f.name) for f in (*_ROW_FIELDS, *_SIZE_FIELDS)}
     return final | dict.fromkeys(_result_columns(stages))
 
 
