@@ -390,6 +390,29 @@ def _label_night(
     return label.run(cfg, input_uri=night_manifest, out_uri=night, log=log)
 
 
+def transient_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data step: errors/ rows -> the image_ids of the transient ones."""
+    return batch.filter(batch["transient"]).select(["image_id"])
+
+
+def _without_transient_errors(
+    delta: ray.data.Dataset, night: str, cfg: RunConfig, summary: dict, partitions: int
+) -> ray.data.Dataset:
+    """The night's `delta` less the images its labeling run (`summary`) failed transiently:
+    those stay out of the ledger, so the next relabel tries them again."""
+    if not summary["transient_errors"]:
+        return delta
+    files = [
+        path
+        for path in shards.shard_files(night, shards.ERRORS, cfg.storage, summary["model_version"])
+        if f"_{summary['run_id']}_" in posixpath.basename(path)
+    ]
+    fs, _ = storage.filesystem(night, cfg.storage)
+    errors = ray.data.read_parquet(files, filesystem=fs, columns=["image_id", "transient"])
+    retry = errors.map_batches(transient_rows, batch_format="pyarrow")
+    return delta.join(retry, "left_anti", num_partitions=partitions, on=("image_id",))
+
+
 def _relabel(
     cfg: RunConfig,
     root: str,
@@ -427,17 +450,7 @@ def _relabel(
     record.update(
         input=rows.count(), new_or_changed=new, invalid_manifest_rows=n_invalid, shards=night
     )
-    if new or n_invalid:
-        _write_parquet(
-            pending_ledger,
-            LEDGER_SCHEMA,
-            (
-                batch
-                for part in (delta, invalid)
-                for batch in part.iter_batches(batch_format="pyarrow", batch_size=4096)
-            ),
-            cfg.storage,
-        )
+    done = [invalid]
     if n_invalid:
         counts["errors"] += record_invalid(invalid, night, cfg, run_id, version)
         log(f"{n_invalid} invalid manifest row(s): recorded as errors in {night}")
@@ -445,10 +458,14 @@ def _relabel(
         summary = _label_night(cfg, delta, night, night_manifest, log)
         counts = {k: counts[k] + summary[k] for k in counts}
         record["seconds"] = summary["seconds"]
+        done.append(_without_transient_errors(delta, night, cfg, summary, partitions))
     elif not n_invalid:
         log("nothing new or changed since the last run: nothing to label")
     if new or n_invalid:
-        # Labelled (or recorded as errors): from now on the ledger knows them.
+        # Labelled or recorded for good: from now on the ledger knows them (written aside
+        # first, then moved in, so a reader never sees half a ledger file).
+        batches = (b for part in done for b in part.iter_batches(batch_format="pyarrow"))
+        _write_parquet(pending_ledger, LEDGER_SCHEMA, batches, cfg.storage)
         fs, path = storage.filesystem(pending_ledger, cfg.storage)
         fs.move(
             path, posixpath.join(posixpath.dirname(posixpath.dirname(path)), f"{run_id}.parquet")

@@ -30,7 +30,7 @@ import ray
 from pipelines import storage
 from pipelines.storage import StorageConfig
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 LABELS = "labels"
 ERRORS = "errors"
 Kind = Literal["labels", "errors"]
@@ -91,6 +91,9 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),  # manifest, fetch, decode, walk, crf
         pa.field("error_type", pa.string(), nullable=False),
         pa.field("message", pa.string(), nullable=False),
+        # Whether another try may succeed (network, throttling, 5xx, timeouts): the next run
+        # retries the image and supersedes this row. Files of schema version 1 lack it (false).
+        pa.field("transient", pa.bool_(), nullable=False),
         *_PROVENANCE,
     ]
 )

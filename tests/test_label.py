@@ -37,6 +37,7 @@ from pipelines.model_record import (
     save_model,
 )
 from pipelines.runtime import InsufficientResourcesError
+from pipelines.storage import StorageConfig
 from wsss import synthetic
 from wsss.affinity import AffinityNet
 from wsss.classifier import Classifier
@@ -344,6 +345,54 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
     assert labels.num_rows == LABELLED and errors.num_rows == ERRORS
 
 
+def test_transient_fetch_errors_are_retried_by_the_next_run_and_superseded(
+    ray_cluster, data_dir, tmp_path
+):
+    from moto.server import ThreadedMotoServer
+
+    quiet = {"log": lambda _: None}
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint, bucket = f"http://{host}:{port}", f"flaky-{time.time_ns()}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    s3.create_bucket(Bucket=bucket)
+    originals = [
+        json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()[10:16]
+    ]
+    folder = tmp_path / "flaky"
+    folder.mkdir()
+    (folder / "classes.txt").write_text((data_dir / "classes.txt").read_text())
+    with (folder / "manifest.jsonl").open("w") as manifest:
+        for row in originals:
+            s3.upload_file(str(data_dir / row["image"]), bucket, row["image"])
+            uri = f"s3://{bucket}/{row['image']}"
+            manifest.write(json.dumps(row | {"image": uri}) + "\n")
+    overrides = tiny_overrides(str(folder / "manifest.jsonl"), str(tmp_path / "runs"), endpoint)
+    flaky = load_config(overrides=[*overrides, "storage.s3_max_attempts=1"])
+    model_records(flaky, (data_dir / "classes.txt").read_text().split())
+
+    server.stop()  # the object store goes down: every fetch fails, for now
+    down = label.run(flaky, **quiet)
+    assert (down["labelled"], down["errors"], down["transient_errors"]) == (0, 6, 6)
+    failed = rows(flaky, "errors").to_pylist()
+    assert {(r["stage"], r["transient"]) for r in failed} == {("fetch", True)}
+
+    server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
+    server.start()  # back, on the same port, with the same objects
+    try:
+        back = label.run(flaky, **quiet)  # no --force
+        again = label.run(flaky, **quiet)
+    finally:
+        server.stop()
+    assert (back["labelled"], back["errors"], back["superseded_transient_errors"]) == (6, 0, 6)
+    assert not shards.shard_files(flaky.run_uri, "errors", flaky.storage)  # superseded, kept aside
+    assert list((tmp_path / "runs" / "tiny" / shards.SUPERSEDED_DIR).rglob("*.parquet"))
+    ids = rows(flaky, "labels").column("image_id").to_pylist()
+    assert sorted(ids) == sorted(r["image_id"] for r in originals)
+    assert (again["labelled"], again["errors"], again["skipped"]) == (0, 0, 6)
+
+
 def test_two_runs_started_together_end_with_one_row_per_image(first_run, cfg, tmp_path):
     out = str(tmp_path / "together")
     patient = cfg.model_copy(update={"label": cfg.label.model_copy(update={"lease_wait_s": 600})})
@@ -515,3 +564,34 @@ def test_cli_without_model_records_names_them_and_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "classifier model record" in err and "--classifier" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_only_fetch_failures_outside_the_image_are_transient_and_not_done(tmp_path):
+    assert label_rows.is_transient("fetch", "OSError")  # connection refused, 5xx, throttled
+    assert label_rows.is_transient("fetch", "PermissionError")
+    for stage, error_type in [
+        ("fetch", "FileNotFoundError"),
+        ("decode", "ImageDecodeError"),
+        ("manifest", "ManifestError"),
+        ("crf", "MemoryError"),
+    ]:
+        assert not label_rows.is_transient(stage, error_type)
+    errors = tmp_path / shards.ERRORS
+    errors.mkdir()
+    base = {"image": "", "stage": "fetch", "error_type": "OSError", "message": "down"}
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                base | {"image_id": "retry", "transient": True},
+                base | {"image_id": "final", "transient": False},
+            ]
+        ),
+        errors / "v_new_000000.parquet",
+    )
+    pq.write_table(  # schema version 1: no `transient` column, every row final
+        pa.Table.from_pylist([{k: v for k, v in base.items()} | {"image_id": "old"}]),
+        errors / "v_old_000000.parquet",
+    )
+    paths = pa.table({"path": sorted(str(p) for p in errors.iterdir())})
+    markers = label_rows.done_markers_of_files(paths, str(tmp_path), StorageConfig())
+    assert sorted(markers.column("image_id").to_pylist()) == ["final", "old"]

@@ -74,9 +74,9 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     invalid = []
     for path in shards.shard_files(night, shards.ERRORS, cfg.storage, model_version=None):
         with fs.open_input_file(path) as f:
-            invalid += [r for r in pq.read_table(f).to_pylist() if r["error_stage"] == "manifest"]
+            invalid += [r for r in pq.read_table(f).to_pylist() if r["stage"] == "manifest"]
     assert sorted(row["image_id"][:13] for row in invalid) == ["bad-class", "manifest-row-"]
-    assert any("unknown class 'zebra'" in row["error_message"] for row in invalid)
+    assert any("unknown class 'zebra'" in row["message"] for row in invalid)
 
     # Run again the same night, with the versions from a listing of the images' prefix, as the
     # nightly job over millions of images takes them: they agree with the per-image requests of

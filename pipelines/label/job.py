@@ -370,6 +370,8 @@ def _label(
     if retired:
         log(f"--force: moved {retired} earlier shard file(s) to {out}/superseded/{run_id}/")
     log(f"labeling {cfg.dataset.manifest} into {out} (model version {version}, run {run_id})")
+    # Errors/ files from before: their transient rows are retried now, and superseded after.
+    earlier_errors = [] if force else shards.shard_files(out, shards.ERRORS, cfg.storage, version)
     ds = labelled_dataset(cfg, networks.classes, networks.records, None if force else version, out)
     sink = label_rows.ShardSink(
         out,
@@ -386,6 +388,14 @@ def _label(
     seconds = time.perf_counter() - started
     assert sink.counts is not None  # set by on_write_complete
     counts = sink.counts
+    retried = label_rows.supersede_transient(out, cfg.storage, earlier_errors, run_id)
+    if retried:
+        log(f"retried {retried} image(s) whose earlier error was transient; old rows superseded")
+    if counts["transient_errors"]:
+        log(
+            f"{counts['transient_errors']} error(s) are transient (network, throttling, 5xx): "
+            "the next run retries them"
+        )
     processed = counts["labelled"] + counts["errors"]
     return {
         "run_id": run_id,
@@ -402,6 +412,7 @@ def _label(
         "records": networks.uris,
         "force": force,
         "retired_files": retired,
+        "superseded_transient_errors": retried,
         "keep_stages": cfg.label.keep_stages,
         "crf_pool": crf_pool(cfg),
     }

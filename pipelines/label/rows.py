@@ -46,6 +46,11 @@ MANIFEST_BYTES_PER_PARTITION = 64 << 20  # ~0.5M manifest rows per anti-join par
 BUCKETS_PER_PARTITION = 8  # anti-join groups (`with_bucket`): spread evenly over the partitions
 BUCKET = "bucket"
 MAX_MESSAGE_CHARS = 2000
+# Fetch failures another try will not change. Every other fetch failure (connection refused or
+# reset, throttling, 5xx, timeouts, access denied) is transient: the next run retries it.
+PERMANENT_FETCH_ERRORS = frozenset(
+    {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "ValueError"}
+)
 
 _ROW_FIELDS = [
     pa.field("image_id", pa.string()),
@@ -128,6 +133,19 @@ def validate_record(record: object, index: dict[str, int], root: str, raw: str) 
     return _manifest_error(image_id or _unnamed_id(raw), image, "; ".join(problems))
 
 
+def is_transient(stage: str, error_type: str) -> bool:
+    """Whether an error of `error_type` at `stage` may go away on its own: only fetching
+    depends on the world outside the image (missing objects, undecodable or too large images,
+    invalid rows and the method's own failures are permanent)."""
+    return stage == "fetch" and error_type not in PERMANENT_FETCH_ERRORS
+
+
+def _transient_flags(rows: pa.Table) -> list[bool]:
+    """`is_transient` of each error row."""
+    stages, types = rows.column("error_stage").to_pylist(), rows.column("error_type").to_pylist()
+    return [is_transient(stage, kind) for stage, kind in zip(stages, types, strict=True)]
+
+
 def _unnamed_id(raw: str) -> str:
     return "manifest-row-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -163,16 +181,16 @@ def rows_from_records(batch: pa.Table, index: dict[str, int], root: str) -> pa.T
 
 
 def done_markers_of_files(batch: pa.Table, out_uri: str, config: StorageConfig) -> pa.Table:
-    """Ray Data step: shard file paths {"path"} -> a done marker row per image_id in them."""
+    """Ray Data step: shard file paths {"path"} -> a done marker row per image_id in them, but
+    for transient error rows (their images are retried)."""
     fs, _ = storage.filesystem(out_uri, config)
-    ids = pa.concat_arrays(
-        [
-            pq.read_table(path, columns=["image_id"], filesystem=fs)
-            .column("image_id")
-            .combine_chunks()
-            for path in batch.column("path").to_pylist()
-        ]
-    )
+    ids = []
+    for path in batch.column("path").to_pylist():
+        if posixpath.basename(posixpath.dirname(path)) == shards.ERRORS:
+            ids.append(permanent_errors(pq.read_table(path, filesystem=fs))["image_id"])
+        else:
+            ids.append(pq.read_table(path, columns=["image_id"], filesystem=fs)["image_id"])
+    ids = pa.chunked_array(ids, pa.string()).combine_chunks()
     n = len(ids)
     empty = pa.array([""] * n, pa.string())
     columns = {
@@ -187,24 +205,34 @@ def done_markers_of_files(batch: pa.Table, out_uri: str, config: StorageConfig) 
     return pa.table(columns, schema=ROW_SCHEMA)
 
 
-def done_markers(
-    out_uri: str, config: StorageConfig, model_version: str
-) -> ray.data.Dataset | None:
-    """Marker rows for the image_ids with a row of `model_version` under `out_uri` (None when
-    there are none). Only the image_id column of that version's files is read, in Ray tasks of
-    FILES_PER_TASK files each."""
-    files = [
-        *shards.shard_files(out_uri, shards.LABELS, config, model_version),
-        *shards.shard_files(out_uri, shards.ERRORS, config, model_version),
-    ]
-    if not files:
-        return None
-    return ray.data.from_items([{"path": path} for path in files]).map_batches(
-        done_markers_of_files,
-        fn_kwargs={"out_uri": out_uri, "config": config},
-        batch_size=FILES_PER_TASK,
-        batch_format="pyarrow",
-    )
+def permanent_errors(errors: pa.Table) -> pa.Table:
+    """The rows of an errors/ file that are final (files from before `transient` have none)."""
+    if "transient" not in errors.column_names:
+        return errors
+    return errors.filter(pc.invert(errors["transient"]))
+
+
+def supersede_transient(out_uri: str, config: StorageConfig, files: list[str], run_id: str) -> int:
+    """Remove the transient error rows from the errors/ `files`, whose images a run has just
+    retried (so each has a newer row): each such file is copied to `superseded/<run_id>/errors/`
+    and rewritten without them (deleted when none is left). Returns how many rows went. A crash
+    in between leaves the old row beside the new one; the next run removes it."""
+    fs, root = storage.filesystem(out_uri, config)
+    target = posixpath.join(root, shards.SUPERSEDED_DIR, run_id, shards.ERRORS)
+    removed = 0
+    for path in files:
+        errors = pq.read_table(path, filesystem=fs)
+        kept = permanent_errors(errors)
+        if kept.num_rows == errors.num_rows:
+            continue
+        fs.create_dir(target, recursive=True)
+        fs.copy_file(path, posixpath.join(target, posixpath.basename(path)))
+        if kept.num_rows:
+            _write_atomically(fs, path, kept, not storage.is_s3(out_uri))
+        else:
+            fs.delete_file(path)
+        removed += errors.num_rows - kept.num_rows
+    return removed
 
 
 def with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
@@ -378,6 +406,7 @@ class ShardSink(ray.data.Datasink):
             "stage": rows.column("error_stage"),
             "error_type": rows.column("error_type"),
             "message": rows.column("error_message"),
+            "transient": pa.array(_transient_flags(rows), pa.bool_()),
         } | self._provenance(rows.num_rows)
         schema = shards.file_schema(shards.ERRORS, self.classes, self.stages)
         return pa.table([columns[name] for name in schema.names], schema=schema)
@@ -398,20 +427,23 @@ class ShardSink(ray.data.Datasink):
             if part.num_rows:
                 _write_atomically(fs, posixpath.join(root, kind, name), to_table(part), local)
         skipped = Counter(o for o in outcome.to_pylist() if o not in (OK, ERROR))
+        transient = sum(_transient_flags(failed))
         return {
             "labelled": labelled.num_rows,
             "errors": failed.num_rows,
+            "transient_errors": transient,
             "skipped": dict(skipped),
             "errors_by_stage": dict(Counter(failed.column("error_stage").to_pylist())),
         }
 
     def on_write_complete(self, write_result) -> None:
-        totals = {"labelled": 0, "errors": 0}
+        totals = {"labelled": 0, "errors": 0, "transient_errors": 0}
         skipped: Counter = Counter()
         by_stage: Counter = Counter()
         for counts in write_result.write_returns:
             totals["labelled"] += counts["labelled"]
             totals["errors"] += counts["errors"]
+            totals["transient_errors"] += counts["transient_errors"]
             skipped.update(counts["skipped"])
             by_stage.update(counts["errors_by_stage"])
         self.counts = totals | {
