@@ -66,6 +66,17 @@ class DatasetConfig(Section):
     max_pixels: int = Field(
         40_000_000, gt=0, description="Images with more pixels than this become error rows."
     )
+    allowed_roots: tuple[str, ...] = Field(
+        (),
+        description="Folders, S3 buckets or prefixes (s3://bucket/prefix) that images and masks "
+        "must lie under; a row pointing elsewhere becomes an error row. Empty: anywhere.",
+    )
+    max_bytes: int = Field(
+        200_000_000,
+        gt=0,
+        description="Image objects larger than this become error rows, refused from their size "
+        "before they are read.",
+    )
 
 
 class SyntheticConfig(Section):

@@ -38,7 +38,21 @@ def manifest_classes(cfg: RunConfig) -> list[str]:
 
 def load_manifest(cfg: RunConfig) -> Manifest:
     """The validated manifest of `cfg.dataset` (JSONL/Parquet with classes.txt beside it, or a
-    local PASCAL VOC root when `dataset.voc_split` is set). Raises ManifestError."""
+    local PASCAL VOC root when `dataset.voc_split` is set), every image and mask under
+    `dataset.allowed_roots` when set. Raises ManifestError."""
+    manifest = _read_manifest(cfg)
+    outside = [
+        problem
+        for row in manifest.rows
+        for uri in (row.image, row.mask)
+        if uri is not None and (problem := manifests.outside_roots(uri, cfg.dataset.allowed_roots))
+    ]
+    if outside:
+        raise ManifestError(outside, f"{len(outside)} path(s) outside dataset.allowed_roots")
+    return manifest
+
+
+def _read_manifest(cfg: RunConfig) -> Manifest:
     uri = cfg.dataset.manifest
     if cfg.dataset.voc_split is not None:
         if storage.is_s3(uri):
@@ -70,7 +84,8 @@ def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Datas
         rows = [
             label_rows.manifest_row(r.image_id, r.image, r.labels) for r in load_manifest(cfg).rows
         ]
-        return ray.data.from_arrow(pa.Table.from_pylist(rows, schema=label_rows.ROW_SCHEMA)), 1
+        table = pa.Table.from_pylist(rows, schema=label_rows.ROW_SCHEMA)
+        return ray.data.from_arrow(table), 1  # load_manifest checked the allowed roots
     index = {name: i for i, name in enumerate(classes)}
     fs, path = storage.filesystem(uri, cfg.storage)
     info = fs.get_file_info(path)
@@ -89,7 +104,16 @@ def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Datas
                 )
         read, step = ray.data.read_text(path, filesystem=fs), label_rows.rows_from_lines
     rows = read.map_batches(step, fn_kwargs={"index": index, "root": root}, batch_format="pyarrow")
-    return rows, partitions
+    return _within_roots(rows, cfg), partitions
+
+
+def _within_roots(rows: ray.data.Dataset, cfg: RunConfig) -> ray.data.Dataset:
+    roots = cfg.dataset.allowed_roots
+    if not roots:
+        return rows
+    return rows.map_batches(
+        label_rows.within_roots, fn_kwargs={"roots": roots}, batch_format="pyarrow"
+    )
 
 
 ModelParams = TypeVar("ModelParams", ClassifierParams, AffinityNetParams)

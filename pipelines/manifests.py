@@ -391,6 +391,21 @@ def parse_record(
     )
 
 
+def outside_roots(uri: str, roots: Sequence[str]) -> str | None:
+    """Why `uri` (a resolved image or mask path) is not under any of `roots` (folders, S3
+    buckets or prefixes), or None when it is or when `roots` is empty (anything goes). ".."
+    segments are resolved first, so a path cannot climb out of a root."""
+    if not roots:
+        return None
+    scheme, sep, rest = uri.partition("://")
+    normal = f"{scheme}{sep}{posixpath.normpath(rest)}" if sep else posixpath.normpath(uri)
+    for root in roots:
+        folder = root.rstrip("/") + "/"
+        if normal.startswith(folder):
+            return None
+    return f"{uri} is outside dataset.allowed_roots ({', '.join(roots)})"
+
+
 def is_text(value: str) -> bool:
     """Whether `value` can be written as UTF-8: JSON admits lone surrogates ("\\ud800"),
     Parquet, object keys and file names do not."""

@@ -110,9 +110,22 @@ def s3_client(config: StorageConfig):
     return _s3_client(config, endpoint_url(config))
 
 
-def read_bytes(uri: str, config: StorageConfig) -> bytes:
+class ObjectTooLargeError(ValueError):
+    """An object over the size a caller accepts; found from its metadata, before reading it."""
+
+
+def read_bytes(uri: str, config: StorageConfig, max_bytes: int | None = None) -> bytes:
+    """The object or file at `uri`. With `max_bytes`, one larger than that is refused from its
+    size (S3: the HEAD request a random-access read makes anyway) before any of it is read."""
     fs, path = filesystem(uri, config)
-    with fs.open_input_stream(path) as f:
+    if max_bytes is None:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    with fs.open_input_file(path) as f:
+        if f.size() > max_bytes:
+            raise ObjectTooLargeError(
+                f"{uri}: {f.size()} bytes, more than dataset.max_bytes ({max_bytes})"
+            )
         return f.read()
 
 

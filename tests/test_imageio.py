@@ -256,3 +256,12 @@ def test_read_helpers_name_the_file(tmp_path):
         read_image(bad)
     with pytest.raises(MaskFormatError, match=r"a\.png: mask must be"):
         read_mask(good)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_animated_and_multi_page_images_are_refused_naming_their_frames(fmt):
+    frames = [Image.fromarray(RGB), Image.fromarray(255 - RGB)]
+    data = save(frames[0], fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(ImageDecodeError, match=f"{fmt} image with 2 frames"):
+        decode_image(data)
+    assert decode_image(save(frames[0], fmt)).shape == (5, 7, 3)  # one frame is fine

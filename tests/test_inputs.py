@@ -1,6 +1,7 @@
 import io
 
 import boto3
+import pyarrow as pa
 import pytest
 import torch
 import torchvision
@@ -63,3 +64,37 @@ def test_backbone_weights_from_s3(s3_endpoint, s3_bucket):
     load_backbone_weights(backbone, resolved.backbone.weights)
     assert torch.equal(backbone.conv1.weight, state["conv1.weight"])
     assert inputs.resolve_weights(ClassifierParams(), cfg) == ClassifierParams()
+
+
+def test_rows_outside_the_allowed_roots_are_refused(tmp_path):
+    from pipelines.label import rows as label_rows
+    from pipelines.manifests import outside_roots
+
+    roots = ("s3://images", "s3://shared/team-a/", str(tmp_path))
+    assert outside_roots("s3://images/a.png", ()) is None  # no roots: anywhere
+    for inside in ("s3://images/a.png", "s3://shared/team-a/x/b.png", f"{tmp_path}/c.png"):
+        assert outside_roots(inside, roots) is None
+    for outside in (
+        "s3://images2/a.png",  # another bucket whose name starts alike
+        "s3://shared/team-b/b.png",
+        f"{tmp_path}/../escape.png",  # ".." cannot climb out
+        "/etc/passwd",
+    ):
+        assert "outside dataset.allowed_roots" in outside_roots(outside, roots)
+    batch = pa.Table.from_pylist(
+        [
+            label_rows.manifest_row("in", "s3://images/a.png", ["cat"]),
+            label_rows.manifest_row("out", "s3://elsewhere/a.png", ["cat"]),
+        ],
+        schema=label_rows.ROW_SCHEMA,
+    )
+    checked = label_rows.within_roots(batch, roots).to_pylist()
+    assert [r["outcome"] for r in checked] == [label_rows.OK, label_rows.ERROR]
+    assert checked[1]["error_type"] == "OutsideAllowedRoots"
+    # The driver's manifest reader (training, run-local, evaluate) refuses the whole manifest.
+    manifest = synthetic.generate(tmp_path / "ds", 2, seed=1, params=SyntheticParams(n_classes=2))
+    cfg = load_config(
+        overrides=[f"dataset.manifest={manifest}", "dataset.allowed_roots=[s3://images]"]
+    )
+    with pytest.raises(ManifestError, match="outside dataset.allowed_roots"):
+        inputs.load_manifest(cfg)

@@ -57,3 +57,17 @@ def test_local_copy_of_an_s3_object(s3_endpoint, s3_bucket, tmp_path):
     assert path.startswith(str(tmp_path)) and open(path, "rb").read() == b"state"
     assert storage.local_copy(uri, cfg, cache_dir=str(tmp_path)) == path
     assert storage.local_copy("/abs/file.pt", cfg) == "/abs/file.pt"
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_an_object_over_max_bytes_is_refused_before_it_is_read(where, tmp_path, request):
+    if where == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        cfg = StorageConfig(s3_endpoint_url=endpoint, s3_region="us-east-1")
+        uri = f"s3://{request.getfixturevalue('s3_bucket')}/big.bin"
+    else:
+        cfg, uri = StorageConfig(), str(tmp_path / "big.bin")
+    storage.write_bytes(uri, b"x" * 1000, cfg)
+    assert storage.read_bytes(uri, cfg, max_bytes=1000) == b"x" * 1000
+    with pytest.raises(storage.ObjectTooLargeError, match="1000 bytes, more than .* \\(999\\)"):
+        storage.read_bytes(uri, cfg, max_bytes=999)

@@ -135,6 +135,14 @@ def _open(data: bytes, max_pixels: int | None) -> Image.Image:
         raise ImageTooLargeError(
             f"image too large: {width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
         )
+    frames = getattr(im, "n_frames", 1)
+    if frames > 1:
+        # Refused rather than labelled on its first frame: an image-level label says nothing
+        # about which frame shows the classes, and a mask of one frame fits none of the others.
+        raise ImageDecodeError(
+            f"{im.format} image with {frames} frames (animated or multi-page): store the frame "
+            "to label as an image of its own"
+        )
     try:
         im.load()
     except _DECODER_ERRORS as e:

@@ -289,7 +289,11 @@ def labelled_dataset(
         .repartition(target_num_rows_per_block=r.rows_per_block)
         .map_batches(
             label_rows.fetch_and_decode,
-            fn_kwargs={"config": cfg.storage, "max_pixels": cfg.dataset.max_pixels},
+            fn_kwargs={
+                "config": cfg.storage,
+                "max_pixels": cfg.dataset.max_pixels,
+                "max_bytes": cfg.dataset.max_bytes,
+            },
             batch_size=r.rows_per_block,
             **task,
         )

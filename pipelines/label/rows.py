@@ -49,7 +49,13 @@ MAX_MESSAGE_CHARS = 2000
 # Fetch failures another try will not change. Every other fetch failure (connection refused or
 # reset, throttling, 5xx, timeouts, access denied) is transient: the next run retries it.
 PERMANENT_FETCH_ERRORS = frozenset(
-    {"FileNotFoundError", "IsADirectoryError", "NotADirectoryError", "ValueError"}
+    {
+        "FileNotFoundError",
+        "IsADirectoryError",
+        "NotADirectoryError",
+        "ValueError",
+        "ObjectTooLargeError",
+    }
 )
 
 _ROW_FIELDS = [
@@ -165,6 +171,25 @@ def rows_from_lines(batch: pa.Table, index: dict[str, int], root: str) -> pa.Tab
             rows.append(_manifest_error(_unnamed_id(line), "", message))
             continue
         rows.append(validate_record(record, index, root, line))
+    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+def within_roots(batch: pa.Table, roots: Sequence[str]) -> pa.Table:
+    """Ray Data step: valid rows whose image lies outside `roots` (dataset.allowed_roots)
+    become error rows (stage manifest, `OutsideAllowedRoots`)."""
+    rows = batch.to_pylist()
+    for row in rows:
+        problem = row["outcome"] == OK and manifests.outside_roots(row["image"], roots)
+        if problem:
+            row.update(
+                manifest_row(
+                    row["image_id"],
+                    row["image"],
+                    row["labels"],
+                    ERROR,
+                    ("manifest", "OutsideAllowedRoots", problem),
+                )
+            )
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -291,25 +316,27 @@ def _duplicates(rows: pa.Table) -> pa.Table:
 # --- fetch and decode -------------------------------------------------------------------------
 
 
-def _fetch(uri: str, config: StorageConfig) -> bytes | Exception:
+def _fetch(uri: str, config: StorageConfig, max_bytes: int) -> bytes | Exception:
     try:
-        return storage.read_bytes(uri, config)
+        return storage.read_bytes(uri, config, max_bytes)
     except (OSError, ValueError) as exc:  # missing or unreadable object, malformed URI
         return exc
 
 
-def fetch_and_decode(batch: pa.Table, config: StorageConfig, max_pixels: int) -> pa.Table:
+def fetch_and_decode(
+    batch: pa.Table, config: StorageConfig, max_pixels: int, max_bytes: int
+) -> pa.Table:
     """Ray Data step: rows -> rows with the decoded image as raw RGB bytes (`pixels`, with
-    `height` and `width`). Unreadable bytes fail the row at stage fetch, undecodable or too
-    large images at stage decode."""
+    `height` and `width`). Unreadable or too large objects fail the row at stage fetch,
+    undecodable images or too many pixels at stage decode."""
     rows = [row | {"height": 0, "width": 0, "pixels": None} for row in batch.to_pylist()]
     todo = [row for row in rows if row["outcome"] == OK]
     uris = [row["image"] for row in todo]
     if any(storage.is_s3(uri) for uri in uris):
         with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(uris))) as pool:
-            fetched = list(pool.map(partial(_fetch, config=config), uris))
+            fetched = list(pool.map(partial(_fetch, config=config, max_bytes=max_bytes), uris))
     else:  # local reads are quicker one after another than the threads cost to start
-        fetched = [_fetch(uri, config) for uri in uris]
+        fetched = [_fetch(uri, config, max_bytes) for uri in uris]
     for row, data in zip(todo, fetched, strict=True):
         if isinstance(data, Exception):
             fail(row, "fetch", data)

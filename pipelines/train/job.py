@@ -155,7 +155,7 @@ def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[s
         batch["image_id"], batch["image"], batch["labels"], strict=True
     ):
         try:
-            data = storage.read_bytes(str(uri), cfg.storage)
+            data = storage.read_bytes(str(uri), cfg.storage, cfg.dataset.max_bytes)
             images.append(decode_image(data, cfg.dataset.max_pixels))
         except (OSError, ImageDecodeError) as err:
             problems.append((str(image_id), f"{image_id} ({uri}): {err}"))
