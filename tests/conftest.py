@@ -40,6 +40,9 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
+WORKER_DIES_ON = "kills-its-worker"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str) -> dict:
     """One local Ray instance for the whole session (two on one machine break each other).
@@ -53,6 +56,9 @@ def ray_cluster(s3_endpoint: str) -> dict:
 
     # Ray Train polls its workers this often; the default 2 s dominates the teardown of tiny runs.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # A labeling actor that meets this image_id kills its process (pipelines.label.job): the
+    # workers inherit it from here.
+    os.environ["WSSS_TEST_WORKER_DIES_ON"] = WORKER_DIES_ON
     start_local_ray(4, include_dashboard=False)  # as `wsss` starts a local Ray
     yield ray.cluster_resources()
     ray.shutdown()

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import WORKER_DIES_ON
 from PIL import Image
 
 from pipelines import reader, shards, storage
@@ -391,6 +392,31 @@ def test_transient_fetch_errors_are_retried_by_the_next_run_and_superseded(
     ids = rows(flaky, "labels").column("image_id").to_pylist()
     assert sorted(ids) == sorted(r["image_id"] for r in originals)
     assert (again["labelled"], again["errors"], again["skipped"]) == (0, 0, 6)
+
+
+def test_a_row_that_kills_its_worker_becomes_an_error_row_and_the_job_finishes(
+    first_run, cfg, data_dir, tmp_path
+):
+    rows_in = [
+        json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()[10:15]
+    ]
+    poison = rows_in[2] | {"image_id": WORKER_DIES_ON}
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(
+        "".join(
+            json.dumps(r | {"image": str(data_dir / r["image"])}) + "\n" for r in [*rows_in, poison]
+        )
+    )
+    (tmp_path / "classes.txt").write_text((data_dir / "classes.txt").read_text())
+    out = str(tmp_path / "out")
+    summary = label.run(cfg, input_uri=str(manifest), out_uri=out, log=lambda _: None)
+    assert (summary["input"], summary["labelled"], summary["errors"]) == (6, 5, 1)
+    (died,) = rows(cfg, "errors", out).to_pylist()
+    assert (died["image_id"], died["error_type"]) == (WORKER_DIES_ON, "WorkerDied")
+    assert "died 2 times" in died["message"] and not died["transient"]
+    assert sorted(rows(cfg, "labels", out).column("image_id").to_pylist()) == sorted(
+        r["image_id"] for r in rows_in
+    )
 
 
 def test_two_runs_started_together_end_with_one_row_per_image(first_run, cfg, tmp_path):

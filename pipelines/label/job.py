@@ -39,12 +39,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import posixpath
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 import ray
@@ -58,6 +61,59 @@ from pipelines.storage import StorageConfig
 from wsss import labeling
 from wsss.imageio import encode_mask
 from wsss.training import default_device
+
+# Test hook: a labeling actor that meets this image_id kills its own process, as an image that
+# exhausts memory or crashes native code would (tests/test_label.py). Unset outside the tests.
+_DIES_ON = os.environ.get("WSSS_TEST_WORKER_DIES_ON")
+
+
+class WorkerDied(RuntimeError):
+    """A row's labeling killed the process labeling it (out of memory, a native crash) every
+    time it was tried."""
+
+
+@ray.remote(num_cpus=0)
+class DeathJournal:
+    """Which rows the labeling actors began and ended. Ray restarts an actor whose process died
+    and retries its batch; a row begun again while earlier attempts never ended is the one that
+    killed them, and after `label.worker_deaths_per_row` such deaths it becomes an error row
+    (`WorkerDied`) instead of killing the next actor too."""
+
+    def __init__(self) -> None:
+        self.begun: Counter = Counter()
+        self.ended: Counter = Counter()
+
+    def begin(self, image_id: str) -> int:
+        """Record an attempt at `image_id`; how many earlier attempts died on it."""
+        self.begun[image_id] += 1
+        return self.begun[image_id] - 1 - self.ended[image_id]
+
+    def end(self, image_id: str) -> None:
+        self.ended[image_id] += 1
+
+
+class RowGuard:
+    """Runs each row of a labeling actor through the `DeathJournal` (see there)."""
+
+    def __init__(self, journal, deaths_per_row: int, stage: str) -> None:
+        self.journal = journal
+        self.deaths_per_row = deaths_per_row
+        self.stage = stage
+
+    def run(self, row: dict, label: Callable[[], Any]) -> Any:
+        """`label()` for `row`, unless earlier attempts at it died too often: then the row is
+        failed (WorkerDied) and None returned."""
+        image_id = row["image_id"]
+        deaths = ray.get(self.journal.begin.remote(image_id))
+        try:
+            if deaths >= self.deaths_per_row:
+                label_rows.fail(row, self.stage, WorkerDied(f"its worker died {deaths} times"))
+                return None
+            if image_id == _DIES_ON:
+                os._exit(70)
+            return label()
+        finally:
+            self.journal.end.remote(image_id)
 
 
 class ModelActor:
@@ -75,6 +131,7 @@ class ModelActor:
         records: dict[str, ModelRecord],
         classes: list[str],
         finish: bool,
+        journal,
     ) -> None:
         device = default_device()
         self.cfg = cfg
@@ -82,16 +139,21 @@ class ModelActor:
         networks = {name: load_network(r, cfg, name).to(device) for name, r in records.items()}
         self.labeler = cfg.labeler(networks)
         self.index = {name: i for i, name in enumerate(classes)}
+        stages = cfg.stages if finish else self.labeler.stages[: self.labeler.split + 1]
+        self.guard = RowGuard(journal, cfg.label.worker_deaths_per_row, "+".join(stages))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        seeded = [self._seed(row) for row in rows]
         if self.finish:
             final = [
-                finish_row(row, part, self.labeler, self.cfg)
-                for row, part in zip(rows, seeded, strict=True)
+                self.guard.run(
+                    row, lambda row=row: finish_row(row, self._seed(row), self.labeler, self.cfg)
+                )
+                or label_rows.finished_row(row, self.cfg.stages)
+                for row in rows
             ]
             return pa.Table.from_pylist(final, schema=label_rows.finished_schema(self.cfg.stages))
+        seeded = [self.guard.run(row, lambda row=row: self._seed(row)) for row in rows]
         for row, part in zip(rows, seeded, strict=True):
             row["seeded"] = None if part is None else pickle.dumps(part, pickle.HIGHEST_PROTOCOL)
         return pa.Table.from_pylist(rows, schema=label_rows.SEEDED_SCHEMA)
@@ -136,29 +198,28 @@ def finish_row(
     return final
 
 
-def finish_rows(batch: pa.Table, labeler: labeling.Labeler, cfg: RunConfig) -> pa.Table:
-    """Ray Data step: seeded rows (the seed part pickled) -> final rows (`finish_row`)."""
-    out = [
-        finish_row(
-            row, None if row["seeded"] is None else pickle.loads(row["seeded"]), labeler, cfg
-        )
-        for row in batch.to_pylist()
-    ]
-    return pa.Table.from_pylist(out, schema=label_rows.finished_schema(cfg.stages))
-
-
 class Finisher:
-    """Ray Data actor of the CRF pool: `finish_rows`. A pool rather than tasks, because a task
-    stage would be fused into the write, which gathers label.min_rows_per_file rows per task:
-    the CRF of a whole file would then run in one task, after its last walk."""
+    """Ray Data actor of the CRF pool: `finish_row` of each seeded row (the seed part pickled).
+    A pool rather than tasks, because a task stage would be fused into the write, which gathers
+    label.min_rows_per_file rows per task: the CRF of a whole file would then run in one task,
+    after its last walk."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, journal) -> None:
         self.cfg = cfg
         # The refiners after the seed part need no network (all of today's run on CPUs alone).
         self.labeler = cfg.labeler({})
+        stages = self.labeler.stages[self.labeler.split + 1 :] or ("pseudo_label",)
+        self.guard = RowGuard(journal, cfg.label.worker_deaths_per_row, "+".join(stages))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return finish_rows(batch, self.labeler, self.cfg)
+        out = []
+        for row in batch.to_pylist():
+            part = None if row["seeded"] is None else pickle.loads(row["seeded"])
+            finished = self.guard.run(
+                row, lambda row=row, part=part: finish_row(row, part, self.labeler, self.cfg)
+            )
+            out.append(finished or label_rows.finished_row(row, self.cfg.stages))
+        return pa.Table.from_pylist(out, schema=label_rows.finished_schema(self.cfg.stages))
 
 
 def crf_pool(cfg: RunConfig) -> bool:
@@ -276,6 +337,10 @@ def labelled_dataset(
     if done is not None:
         rows = rows.union(done)
     task = {"num_cpus": cfg.label.cpus_per_task, "batch_format": "pyarrow"}
+    # Ray Data restarts a dead actor and retries its batch without bound by default: bounded
+    # here, and the journal turns a row that keeps killing its worker into an error row.
+    actor = {"max_restarts": r.max_actor_restarts, "max_task_retries": r.max_actor_restarts}
+    journal = DeathJournal.remote()
     pool = crf_pool(cfg)
     labelled = (
         rows.map_batches(
@@ -304,22 +369,25 @@ def labelled_dataset(
                 "records": records,
                 "classes": classes,
                 "finish": not pool,
+                "journal": journal,
             },
             compute=ray.data.ActorPoolStrategy(size=r.model_actors),
             num_cpus=r.cpus_per_actor,
             num_gpus=r.gpus_per_actor if r.use_gpu else 0,
             batch_size=cfg.label.batch_size,
             batch_format="pyarrow",
+            **actor,
         )
     )
     if not pool:
         return labelled
     return labelled.map_batches(
         Finisher,
-        fn_constructor_kwargs={"cfg": cfg},
+        fn_constructor_kwargs={"cfg": cfg, "journal": journal},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
         batch_size=cfg.label.batch_size,
         **task,
+        **actor,
     )
 
 
