@@ -90,6 +90,8 @@ class DeathJournal:
 
     def end(self, image_id: str) -> None:
         self.ended[image_id] += 1
+        if self.ended[image_id] >= self.begun[image_id]:  # keep only rows in flight or deadly
+            del self.begun[image_id], self.ended[image_id]
 
 
 class RowGuard:
