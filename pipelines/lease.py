@@ -51,7 +51,7 @@ class _Stored:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")  # timeouts may be under 1 s
 
 
 def _gone(lease: dict, timeout_s: float) -> bool:
