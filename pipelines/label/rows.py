@@ -260,6 +260,26 @@ def supersede_transient(out_uri: str, config: StorageConfig, files: list[str], r
     return removed
 
 
+def done_markers(
+    out_uri: str, config: StorageConfig, model_version: str
+) -> ray.data.Dataset | None:
+    """Marker rows for the image_ids with a row of `model_version` under `out_uri` (None when
+    there are none). Only the image_id column of that version's files is read, in Ray tasks of
+    FILES_PER_TASK files each."""
+    files = [
+        *shards.shard_files(out_uri, shards.LABELS, config, model_version),
+        *shards.shard_files(out_uri, shards.ERRORS, config, model_version),
+    ]
+    if not files:
+        return None
+    return ray.data.from_items([{"path": path} for path in files]).map_batches(
+        done_markers_of_files,
+        fn_kwargs={"out_uri": out_uri, "config": config},
+        batch_size=FILES_PER_TASK,
+        batch_format="pyarrow",
+    )
+
+
 def with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
     """Ray Data step: rows -> rows with the anti-join's group key, `bucket` = crc32(image_id)
     % buckets (stable across processes, unlike hash()). The anti-join groups by bucket, not
