@@ -4,7 +4,6 @@ and the hooks every training path and the CAM stage go through."""
 from __future__ import annotations
 
 import numpy as np
-import pydantic
 import pytest
 import torch
 
@@ -21,26 +20,18 @@ RESNET18 = {"name": "resnet18"}
 SMALL = AugmentParams(resize_long=(32, 40), crop_size=32)
 
 
-def test_the_configuration_selects_a_method_by_name_and_omits_the_plain_cam():
+def test_the_plain_cam_is_the_default_and_written_by_omission():
     assert {"cam", "wildcat"} <= set(CAM_METHODS)
     plain = ClassifierParams()
     assert plain.method == PlainCamParams()
-    # Written by omission: configurations and model records from before keep their hashes.
+    # Configurations and model records from before the family keep their hashes.
     assert "method" not in plain.model_dump(mode="json")
     assert "method" not in plain.model_dump()
     assert ClassifierParams(method="cam").model_dump(mode="json") == plain.model_dump(mode="json")
-    wildcat = ClassifierParams(method={"name": "wildcat", "maps_per_class": 3}, pooling="top_k")
-    written = wildcat.model_dump(mode="json")
-    assert written["method"] == {"name": "wildcat", "maps_per_class": 3}
-    assert ClassifierParams.model_validate(written) == wildcat
     assert ClassifierParams(method="wildcat").model_dump(mode="json")["method"] == {
         "name": "wildcat",
         "maps_per_class": 8,
     }
-    with pytest.raises(pydantic.ValidationError, match=r"method\n.*'oaa'.*'cam', 'wildcat'"):
-        ClassifierParams(method="oaa")
-    with pytest.raises(pydantic.ValidationError, match="maps_per_class"):
-        ClassifierParams(method={"name": "wildcat", "maps_per_class": 0})
 
 
 def test_wildcat_averages_its_maps_per_class_and_pools_the_class_maps():
