@@ -184,7 +184,7 @@ def test_manifest_validates_against_kuberay_crds(name, crd_schemas):
 
 def test_manifests_cover_the_pipeline():
     kinds = sorted(d["kind"] for docs in manifests().values() for d in docs)
-    assert kinds == ["ConfigMap", "RayCluster", "RayCronJob", "RayJob", "RayJob"]
+    assert kinds == ["ConfigMap", "NetworkPolicy", "RayCluster", "RayCronJob", "RayJob", "RayJob"]
 
 
 def _set(document: dict, path: str, value) -> dict:
@@ -290,6 +290,24 @@ def test_docs_and_configs_name_only_existing_commands():
     assert {c for _, c in named} >= set(REQUIRED_COMMANDS)
     unknown = sorted((file, c) for file, c in named if c not in COMMANDS)
     assert not unknown, f"commands the CLI does not define (file, command): {unknown}"
+
+
+def test_ray_pods_run_unprivileged_and_only_their_own_cluster_reaches_them():
+    _, policy = one("NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    assert {"podSelector": {"matchLabels": selector}} in peers
+    assert all("ipBlock" not in peer for peer in peers)  # nothing from outside the cluster
+    for name, spec in cluster_specs().items():
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            template = group["template"]
+            assert template["metadata"]["labels"].items() >= selector.items(), name
+            pod = template["spec"]["securityContext"]
+            assert pod["runAsNonRoot"] and pod["runAsUser"] != 0, name
+            for container in template["spec"]["containers"]:
+                security = container["securityContext"]
+                assert security["allowPrivilegeEscalation"] is False, name
+                assert security["capabilities"]["drop"] == ["ALL"], name
 
 
 def test_gpu_group_requests_gpus_and_cpu_group_none():
