@@ -140,12 +140,6 @@ class RayConfig(Section):
         1, ge=1, description="Actors running a model inside a Ray Data stage (e.g. CAMs)."
     )
     cpus_per_actor: float = Field(1.0, gt=0, description="CPUs reserved per model actor.")
-    max_actor_restarts: int = Field(
-        8,
-        ge=0,
-        description="Times a labeling actor whose process died (out of memory, a native crash) "
-        "is restarted, its batch retried, before the job fails (Ray Data's default: forever).",
-    )
     gpus_per_actor: float = Field(
         1.0, gt=0, le=1, description="GPUs reserved per model actor when use_gpu is set."
     )
@@ -188,8 +182,8 @@ class LabelConfig(Section):
         2,
         ge=1,
         description="A row whose labeling killed its worker process this many times becomes an "
-        "error row (WorkerDied) rather than being tried again; keep it below "
-        "ray.max_actor_restarts.",
+        "error row (WorkerDied) rather than being tried again (Ray restarts the actor and "
+        "retries its batch after each death).",
     )
     lease_timeout_s: float = Field(
         600.0,
@@ -279,16 +273,6 @@ class RunSettings(Section):
         if len(set(names)) != len(names):
             raise ValueError(f"a refiner may run once, got {list(names)}")
         return names
-
-    @model_validator(mode="after")
-    def _deaths_within_restarts(self) -> RunSettings:
-        # A row must be given up before its deaths use up the actor's restarts and fail the job.
-        if self.label.worker_deaths_per_row > self.ray.max_actor_restarts:
-            raise ValueError(
-                "label.worker_deaths_per_row must not exceed ray.max_actor_restarts "
-                f"({self.label.worker_deaths_per_row} > {self.ray.max_actor_restarts})"
-            )
-        return self
 
     @model_validator(mode="after")
     def _one_radius(self) -> RunSettings:

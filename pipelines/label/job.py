@@ -339,9 +339,9 @@ def labelled_dataset(
     if done is not None:
         rows = rows.union(done)
     task = {"num_cpus": cfg.label.cpus_per_task, "batch_format": "pyarrow"}
-    # Ray Data restarts a dead actor and retries its batch without bound by default: bounded
-    # here, and the journal turns a row that keeps killing its worker into an error row.
-    actor = {"max_restarts": r.max_actor_restarts, "max_task_retries": r.max_actor_restarts}
+    # Ray Data restarts a dead actor and retries its batch without bound (a bound is settable
+    # only through its deprecated ray_remote_args): the journal ends that loop, turning a row
+    # that keeps killing its worker into an error row.
     journal = DeathJournal.remote()
     pool = crf_pool(cfg)
     labelled = (
@@ -378,7 +378,6 @@ def labelled_dataset(
             num_gpus=r.gpus_per_actor if r.use_gpu else 0,
             batch_size=cfg.label.batch_size,
             batch_format="pyarrow",
-            **actor,
         )
     )
     if not pool:
@@ -389,7 +388,6 @@ def labelled_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
         batch_size=cfg.label.batch_size,
         **task,
-        **actor,
     )
 
 
