@@ -52,7 +52,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from pipelines import lease, manifests, shards, storage
 from pipelines.config import RunConfig
-from pipelines.inputs import manifest_classes, manifest_dataset
+from pipelines.inputs import manifest_dataset
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
 from pipelines.runtime import connect
@@ -211,10 +211,10 @@ def ledger_files(root: str, config: StorageConfig) -> list[str]:
     )
 
 
-def manifest_rows(cfg: RunConfig) -> tuple[ray.data.Dataset, int]:
+def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
     """Every manifest row (an invalid one an error row), read once and kept in the object store
     (spilled to disk if large) for the plan's several passes, and the join partitions it needs."""
-    rows, partitions = manifest_dataset(cfg, manifest_classes(cfg))
+    rows, partitions = manifest_dataset(cfg, classes)
     return rows.materialize(), partitions
 
 
@@ -278,29 +278,23 @@ def objects_without_rows(
     )
 
 
-def finished_rows(batch: pa.Table, stages: tuple[str, ...]) -> pa.Table:
-    """Ray Data step: error rows -> rows as the shard sink takes them."""
-    finished = [label_rows.finished_row(row, stages) for row in batch.to_pylist()]
-    return pa.Table.from_pylist(finished, schema=label_rows.finished_schema(stages))
-
-
 def record_invalid(
-    invalid: ray.data.Dataset, night: str, cfg: RunConfig, run_id: str, version: str
+    invalid: ray.data.Dataset, night: str, cfg: RunConfig, run_id: str, networks: label.Models
 ) -> int:
     """Write the invalid manifest rows into the night's errors/ (stage "manifest", as `wsss
     label` records them); returns how many."""
     sink = label_rows.ShardSink(
         night,
         cfg.storage,
-        manifest_classes(cfg),
+        networks.classes,
         cfg.stages,
         run_id,
-        version,
+        networks.version,
         cfg.hash(),
         cfg.label.min_rows_per_file,
     )
     invalid.map_batches(
-        finished_rows, fn_kwargs={"stages": cfg.stages}, batch_format="pyarrow"
+        label_rows.finished_rows, fn_kwargs={"stages": cfg.stages}, batch_format="pyarrow"
     ).write_datasink(sink)
     assert sink.counts is not None  # set by on_write_complete
     return sink.counts["errors"]
@@ -332,7 +326,7 @@ def run(
     root = cfg.layout.relabel
     started = datetime.now(UTC)
     run_id = shards.new_run_id(started)
-    version = label.models(cfg).version
+    networks = label.models(cfg)
     connect(cfg)
     # One relabel at a time per output (a cron overlap, a manual run beside the nightly one):
     # both would plan against the same ledger and label the same images twice.
@@ -345,7 +339,8 @@ def run(
         cfg.label.lease_wait_s,
         log,
     ):
-        return _relabel(cfg, root, date or f"{started:%Y-%m-%d}", run_id, version, listing, log)
+        date = date or f"{started:%Y-%m-%d}"
+        return _relabel(cfg, root, date, started, run_id, networks, listing, log)
 
 
 def _list_objects(
@@ -417,13 +412,14 @@ def _relabel(
     cfg: RunConfig,
     root: str,
     date: str,
+    started: datetime,
     run_id: str,
-    version: str,
+    networks: label.Models,
     listing: str | None,
     log: Callable[[str], None],
 ) -> dict:
-    """The relabel itself, under the lease of its root (see `run`)."""
-    started = datetime.now(UTC)
+    """The relabel itself (see `run`), under the lease of its root."""
+    version = networks.version
     night = storage.join(root, date)
     night_manifest = storage.join(night, f"manifest-{run_id}.parquet")
     pending_ledger = storage.join(root, LEDGER, PENDING, f"{run_id}.parquet")
@@ -434,7 +430,7 @@ def _relabel(
         "model_version": version,
         "started_at": started.isoformat(timespec="seconds"),
     }
-    rows, partitions = manifest_rows(cfg)
+    rows, partitions = manifest_rows(cfg, networks.classes)
     listing_file = listed = None
     if listing is not None:
         listed = listing_folder(listing)
@@ -446,13 +442,12 @@ def _relabel(
     new, n_invalid = delta.count(), invalid.count()
     # input = labelled + errors + skipped, as `wsss label` counts: rows the ledger already
     # holds are skipped, invalid rows are errors (once, until they change).
-    counts = {"labelled": 0, "errors": 0, "skipped": rows.count() - new - n_invalid}
-    record.update(
-        input=rows.count(), new_or_changed=new, invalid_manifest_rows=n_invalid, shards=night
-    )
+    total = rows.count()
+    counts = {"labelled": 0, "errors": 0, "skipped": total - new - n_invalid}
+    record.update(input=total, new_or_changed=new, invalid_manifest_rows=n_invalid, shards=night)
     done = [invalid]
     if n_invalid:
-        counts["errors"] += record_invalid(invalid, night, cfg, run_id, version)
+        counts["errors"] += record_invalid(invalid, night, cfg, run_id, networks)
         log(f"{n_invalid} invalid manifest row(s): recorded as errors in {night}")
     if new:
         summary = _label_night(cfg, delta, night, night_manifest, log)

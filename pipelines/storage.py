@@ -8,6 +8,7 @@ role), never from the config file.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import posixpath
@@ -110,8 +111,9 @@ def s3_client(config: StorageConfig):
     return _s3_client(config, endpoint_url(config))
 
 
-class ObjectTooLargeError(ValueError):
-    """An object over the size a caller accepts; found from its metadata, before reading it."""
+class ObjectTooLargeError(OSError):
+    """An object over the size a caller accepts, found from its metadata before reading it: an
+    I/O error like EFBIG, so every reader that handles unreadable objects handles it."""
 
 
 def read_bytes(uri: str, config: StorageConfig, max_bytes: int | None = None) -> bytes:
@@ -124,7 +126,7 @@ def read_bytes(uri: str, config: StorageConfig, max_bytes: int | None = None) ->
     with fs.open_input_file(path) as f:
         if f.size() > max_bytes:
             raise ObjectTooLargeError(
-                f"{uri}: {f.size()} bytes, more than dataset.max_bytes ({max_bytes})"
+                errno.EFBIG, f"{uri}: {f.size()} bytes, more than dataset.max_bytes ({max_bytes})"
             )
         return f.read()
 

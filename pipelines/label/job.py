@@ -117,6 +117,14 @@ class RowGuard:
         finally:
             self.journal.end.remote(image_id)
 
+    def finish(
+        self, row: dict, part: Callable[[], labeling.Partial | None], labeler, cfg: RunConfig
+    ) -> dict:
+        """`finish_row` of `row` with the seed part `part()`, guarded: the row as the sink takes
+        it, failed (WorkerDied) when its attempts died too often."""
+        finished = self.run(row, lambda: finish_row(row, part(), labeler, cfg))
+        return finished or label_rows.finished_row(row, cfg.stages)
+
 
 class ModelActor:
     """Ray Data actor: the CAMs and the refiners that run beside the networks
@@ -148,10 +156,7 @@ class ModelActor:
         rows = batch.to_pylist()
         if self.finish:
             final = [
-                self.guard.run(
-                    row, lambda row=row: finish_row(row, self._seed(row), self.labeler, self.cfg)
-                )
-                or label_rows.finished_row(row, self.cfg.stages)
+                self.guard.finish(row, lambda row=row: self._seed(row), self.labeler, self.cfg)
                 for row in rows
             ]
             return pa.Table.from_pylist(final, schema=label_rows.finished_schema(self.cfg.stages))
@@ -214,14 +219,17 @@ class Finisher:
         self.guard = RowGuard(journal, cfg.label.worker_deaths_per_row, "+".join(stages))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in batch.to_pylist():
-            part = None if row["seeded"] is None else pickle.loads(row["seeded"])
-            finished = self.guard.run(
-                row, lambda row=row, part=part: finish_row(row, part, self.labeler, self.cfg)
+        out = [
+            self.guard.finish(
+                row, lambda row=row: _unpickled(row["seeded"]), self.labeler, self.cfg
             )
-            out.append(finished or label_rows.finished_row(row, self.cfg.stages))
+            for row in batch.to_pylist()
+        ]
         return pa.Table.from_pylist(out, schema=label_rows.finished_schema(self.cfg.stages))
+
+
+def _unpickled(seeded: bytes | None) -> labeling.Partial | None:
+    return None if seeded is None else pickle.loads(seeded)
 
 
 def crf_pool(cfg: RunConfig) -> bool:

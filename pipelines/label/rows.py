@@ -382,6 +382,13 @@ def finished_row(row: dict, stages: Sequence[str]) -> dict:
     return final | dict.fromkeys(_result_columns(stages))
 
 
+def finished_rows(batch: pa.Table, stages: Sequence[str]) -> pa.Table:
+    """Ray Data step: rows that go no further (e.g. invalid manifest rows) -> rows as the sink
+    takes them (`finished_row`)."""
+    finished = [finished_row(row, stages) for row in batch.to_pylist()]
+    return pa.Table.from_pylist(finished, schema=finished_schema(stages))
+
+
 # --- the sink -----------------------------------------------------------------------------------
 
 
