@@ -3,13 +3,17 @@ and the hooks every training path and the CAM stage go through."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from pipelines.train.classifier import classification_examples
 from wsss.cam import CamParams, compute_cams
 from wsss.cam_methods import CAM_METHODS, multi_hot
+from wsss.cam_methods.hfpl import feature_similarity_loss, sampled_logits
 from wsss.cam_methods.plain import PlainCamParams
 from wsss.classifier import Classifier, ClassifierParams, classifier_step_loss, train_classifier
 from wsss.training import OptimParams
@@ -89,3 +93,62 @@ def test_the_ray_data_step_stacks_whatever_examples_the_method_makes():
     assert stacked["flipped"].shape == stacked["image"].shape == (3, 3, 32, 32)
     np.testing.assert_array_equal(stacked["flipped"], stacked["image"][..., ::-1])
     np.testing.assert_array_equal(stacked["targets"], [[1, 0], [0, 1], [1, 1]])
+
+
+def test_hfpl_draws_its_positions_where_the_class_is_likely():
+    maps = torch.full((1, 2, 4, 4), -30.0)
+    maps[0, 0, 1, 2] = 30.0  # class 1: all its probability at one position
+    maps[0, 1, 3, 0] = 30.0
+    drawn = sampled_logits(maps, 50)
+    assert drawn.shape == (1, 2, 50)
+    assert (drawn == 30.0).all()
+
+
+def _all_pairs_similarity(colours, maps, mu, sigma, radius):
+    """HFPL's reference formula over every ordered pair of the grid closer than `radius`."""
+    b, _, h, w = maps.shape
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()
+    dist = torch.cdist(pos, pos)
+    x = colours.reshape(b, 3, -1).transpose(1, 2)
+    y = maps.reshape(b, maps.shape[1], -1).transpose(1, 2)
+    gap = (torch.cdist(x, x, p=1) / 3).clamp(0, 1)
+    alike = torch.tanh(mu + torch.log((gap + 1e-5) / (1 - gap + 1e-5)))
+    g = torch.exp(-0.5 * (dist / sigma) ** 2) / (2 * math.pi * sigma**2)
+    g = torch.where((dist > 0) & (dist < radius), g, torch.zeros(()))
+    return -(g * 0.5 * torch.cdist(y, y) ** 2 * alike).sum() / (b * h * w)
+
+
+def test_hfpl_similarity_is_the_references_formula_on_the_radius_pairs():
+    gen = torch.Generator().manual_seed(0)
+    colours, maps = torch.rand(2, 3, 5, 6, generator=gen), torch.rand(2, 3, 5, 6, generator=gen)
+    ours = feature_similarity_loss(colours, maps, mu=2.5, sigma=1.5, radius=3)
+    torch.testing.assert_close(ours, _all_pairs_similarity(colours, maps, 2.5, 1.5, 3))
+    # Maps whose edge follows the colour edge score lower than maps that cross it.
+    colours = torch.zeros(1, 3, 6, 6)
+    colours[..., 3:] = 1.0
+    follows, crosses = torch.zeros(1, 1, 6, 6), torch.zeros(1, 1, 6, 6)
+    follows[..., 3:] = 1.0
+    crosses[..., 2:, :] = 1.0
+    assert feature_similarity_loss(colours, follows, 2.5, 1.5, 3) < 0
+    assert feature_similarity_loss(colours, crosses, 2.5, 1.5, 3) > 0
+
+
+def test_hfpl_trains_through_its_loss_and_checks_its_settings():
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8), [1 + i % 2]) for i in range(4)]
+    torch.manual_seed(0)
+    model = Classifier(2, ClassifierParams(backbone=RESNET18, method="hfpl"))
+    batch = classification_examples(
+        {"image": [s[0] for s in samples], "labels": [s[1] for s in samples]},
+        2,
+        SMALL,
+        model.params.method,
+    )
+    loss, parts = classifier_step_loss(model, {k: torch.from_numpy(v) for k, v in batch.items()})
+    assert torch.isfinite(loss) and set(parts) == {"classification", "similarity"}
+    before = model.head.weight.detach().clone()
+    trained = train_classifier(model, samples, SMALL, OptimParams(epochs=1, batch_size=2), seed=0)
+    assert not torch.equal(trained.head.weight, before)
+    with pytest.raises(ValidationError, match="radius"):
+        ClassifierParams(method={"name": "hfpl", "sigma": 3.0, "radius": 4})

@@ -74,8 +74,13 @@ class Classifier(nn.Module):
         """The CAM method's non-negative seed maps (B, K, h, w) of one scale of images x."""
         return self.method.seed_maps(self, x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.score_maps(x))
+    def forward(
+        self, x: torch.Tensor, with_maps: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K); with `with_maps`, (logits, class score maps), for methods whose loss
+        reads the maps (a call, so that data-parallel training sees it)."""
+        maps = self.score_maps(x)
+        return (self.pool(maps), maps) if with_maps else self.pool(maps)
 
 
 def classifier_step_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
