@@ -299,6 +299,15 @@ class RunSettings(Section):
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def mask_settings(self) -> str:
+        """Digest of the sections that shape a mask given the networks (the CAM stage, the
+        refiners and their settings, the pseudo-label rule): part of each shard row's key, so a
+        change to them relabels the rows it affects (`pipelines.label.rows.row_key`)."""
+        data = self.model_dump(mode="json")
+        sections = ("cam", "refiners", *self.refiners, "pseudo_label")
+        canonical = json.dumps({name: data[name] for name in sections}, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
     def for_labeling(
         self, manifest: str | None = None, out: str | None = None, keep_stages: bool = False
     ) -> RunSettings:

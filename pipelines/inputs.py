@@ -76,13 +76,18 @@ def _read_manifest(cfg: RunConfig) -> Manifest:
 
 
 def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
-    """The manifest's rows as `label_rows.ROW_SCHEMA` rows (an invalid one an error row), read
-    and validated in Ray Data tasks, and the number of anti-join partitions its size calls for.
-    A VOC layout (local, at most tens of thousands of rows) is read and validated on the driver."""
+    """The manifest's rows as `label_rows.ROW_SCHEMA` rows (an invalid one an error row), each
+    keyed by `label_rows.row_key` with `cfg`'s mask settings, read and validated in Ray Data
+    tasks, and the number of anti-join partitions its size calls for. A VOC layout (local, at
+    most tens of thousands of rows) is read and validated on the driver."""
     uri = cfg.dataset.manifest
+    settings = cfg.mask_settings()
     if cfg.dataset.voc_split is not None:
         rows = [
-            label_rows.manifest_row(r.image_id, r.image, r.labels) for r in load_manifest(cfg).rows
+            label_rows.manifest_row(
+                r.image_id, r.image, r.labels, key=label_rows.row_key(r.labels, None, settings)
+            )
+            for r in load_manifest(cfg).rows
         ]
         table = pa.Table.from_pylist(rows, schema=label_rows.ROW_SCHEMA)
         return ray.data.from_arrow(table), 1  # load_manifest checked the allowed roots
@@ -103,7 +108,11 @@ def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Datas
                     "(one object per line) or Parquet"
                 )
         read, step = ray.data.read_text(path, filesystem=fs), label_rows.rows_from_lines
-    rows = read.map_batches(step, fn_kwargs={"index": index, "root": root}, batch_format="pyarrow")
+    rows = read.map_batches(
+        step,
+        fn_kwargs={"index": index, "root": root, "mask_settings": settings},
+        batch_format="pyarrow",
+    )
     return _within_roots(rows, cfg), partitions
 
 

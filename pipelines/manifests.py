@@ -31,7 +31,9 @@ VOC_CLASSES = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )  # fmt: skip
-MANIFEST_FIELDS = ("image_id", "image", "labels", "mask")
+# source_version: the image's version (an ETag, size + mtime) when the writer of the manifest
+# knows it; part of what makes a labelled row current (`pipelines.label.rows.row_key`).
+MANIFEST_FIELDS = ("image_id", "image", "labels", "mask", "source_version")
 REQUIRED_FIELDS = ("image", "labels")
 # Masks are uint8 with 255 = ignore, so class indices must stay in 0..254.
 MAX_CLASSES = IGNORE_INDEX
@@ -363,6 +365,9 @@ def parse_record(
     for name, value in (("image_id", image_id), ("image", image), ("mask", mask)):
         if isinstance(value, str) and not is_text(value):
             problems.append(f"{name}: not valid Unicode (a lone surrogate), got {value!r}")
+    version = record.get("source_version")
+    if version is not None and (not isinstance(version, str) or not version.strip()):
+        problems.append(f"source_version: must be a non-empty string, got {version!r}")
     labels = record.get("labels")
     if labels is None:
         problems.append("labels: missing (use [] for an image with no foreground class)")

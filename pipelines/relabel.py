@@ -2,10 +2,14 @@
 last run, or that the current models have not labelled yet.
 
 Each run compares the manifest with a ledger of what earlier runs labelled, keyed by
-(image_id, source version, model version), where the source version is the image object's ETag
-on S3 (it changes with the content) and its size and modification time for a local file. The
-rows not in the ledger become the night's manifest, which `wsss label` labels into a dated shard
-set; once it has finished they are added to the ledger. So running twice on one night does
+(image_id, source version, model version, row key), where the source version is the image
+object's ETag on S3 (it changes with the content) and its size and modification time for a local
+file, and the row key (`pipelines.label.rows.row_key`) a digest of the image's labels, its source
+version and the settings that shape masks: changed labels or settings relabel the rows they
+affect. The rows not in the ledger become the night's manifest (with their source versions, so
+that an image changed twice on one night is labelled again in the same dated set, its first row
+superseded), which `wsss label` labels into a dated shard set; once it has finished they are
+added to the ledger. So running twice on one night does
 nothing the second time, and a run that died is simply run again (labeling resumes inside the
 dated set).
 
@@ -23,7 +27,8 @@ One relabel runs per output at a time: it holds the lease of `<out>/relabel/` (`
 Layout under `<out>/relabel/`:
     <date>/manifest.parquet, <date>/classes.txt   the night's new or changed images
     <date>/labels/, <date>/errors/, ...           the dated shard set (`wsss label` output)
-    ledger/<run_id>.parquet                       (image_id, source_version, model_version)
+    ledger/<run_id>.parquet                       (image_id, source_version, model_version,
+                                                   row_key)
     listings/<run_id>.parquet                     (image, source_version), with --listing
     runs/<run_id>.json                            the run record
 Downstream readers take every dated set; where an image_id appears in several, the latest date
@@ -71,16 +76,23 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("image_id", pa.string()),
         pa.field("source_version", pa.string()),
         pa.field("model_version", pa.string()),
+        # `label_rows.row_key`; ledger files from before it lack it (`_not_in_ledger`).
+        pa.field("row_key", pa.string()),
     ]
 )
+_LEGACY_LEDGER_KEY = ("image_id", "source_version", "model_version")
 LISTING_SCHEMA = pa.schema(
     [pa.field("image", pa.string()), pa.field("source_version", pa.string())]
 )
+_MANIFEST_COLUMNS = ("image_id", "image", "labels")
 NIGHT_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string()),
         pa.field("image", pa.string()),
         pa.field("labels", pa.list_(pa.string())),
+        # So that `wsss label` keys the night's rows as the ledger does: an image changed twice
+        # on one night is labelled again in the same dated set.
+        pa.field("source_version", pa.string()),
     ]
 )
 
@@ -157,7 +169,7 @@ def valid_rows(batch: pa.Table) -> pa.Table:
     """Ray Data step: the manifest rows that passed the manifest check, with the columns the
     night's manifest keeps."""
     ok = batch.filter(pc.equal(batch.column("outcome"), label_rows.OK))
-    return ok.select(NIGHT_SCHEMA.names)
+    return ok.select(_MANIFEST_COLUMNS)
 
 
 def invalid_rows(batch: pa.Table, version: str) -> pa.Table:
@@ -175,9 +187,14 @@ def invalid_rows(batch: pa.Table, version: str) -> pa.Table:
 
 
 def with_source_versions(
-    batch: pa.Table, config: StorageConfig, version: str, listed: str | None = None
+    batch: pa.Table,
+    config: StorageConfig,
+    version: str,
+    mask_settings: str,
+    listed: str | None = None,
 ) -> pa.Table:
-    """Ray Data step: valid manifest rows -> the same with `source_version` and `model_version`.
+    """Ray Data step: valid manifest rows -> the same with `source_version`, `model_version` and
+    their `row_key` (`label_rows.row_key`, as `wsss label` keys the night manifest's rows).
     Rows joined to a listing of the folder `listed` keep the listing's version; rows under that
     folder that the listing lacks are "missing"; any other row is asked for its version."""
     rows = batch.to_pylist()
@@ -199,6 +216,10 @@ def with_source_versions(
             "labels": [r["labels"] for r in rows],
             "source_version": versions,
             "model_version": [version] * len(rows),
+            "row_key": [
+                label_rows.row_key(r["labels"], v, mask_settings)
+                for r, v in zip(rows, versions, strict=True)
+            ],
         }
     )
 
@@ -221,13 +242,18 @@ def manifest_rows(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset,
 def _not_in_ledger(
     rows: ray.data.Dataset, root: str, cfg: RunConfig, partitions: int
 ) -> ray.data.Dataset:
-    """`rows` whose (image_id, source_version, model_version) the ledger does not hold."""
-    done = ledger_files(root, cfg.storage)
-    if not done:
-        return rows
+    """`rows` whose (image_id, source_version, model_version, row_key) the ledger does not hold;
+    ledger files from before row keys match on the first three alone (an upgrade relabels
+    nothing by itself)."""
     fs, _ = storage.filesystem(root, cfg.storage)
-    ledger = ray.data.read_parquet(done, filesystem=fs, schema=LEDGER_SCHEMA)
-    return rows.join(ledger, "left_anti", num_partitions=partitions, on=LEDGER_SCHEMA.names)
+    files = ledger_files(root, cfg.storage)
+    keyed = [f for f in files if "row_key" in pq.read_schema(f, filesystem=fs).names]
+    legacy = [f for f in files if f not in keyed]
+    for done, key in ((keyed, LEDGER_SCHEMA.names), (legacy, _LEGACY_LEDGER_KEY)):
+        if done:
+            ledger = ray.data.read_parquet(done, filesystem=fs, columns=list(key))
+            rows = rows.join(ledger, "left_anti", num_partitions=partitions, on=tuple(key))
+    return rows
 
 
 def read_listing(listing: str, cfg: RunConfig) -> ray.data.Dataset:
@@ -253,7 +279,12 @@ def pending_rows(
         current = current.join(listed_rows, "left_outer", num_partitions=partitions, on=("image",))
     current = current.map_batches(
         with_source_versions,
-        fn_kwargs={"config": cfg.storage, "version": version, "listed": listed},
+        fn_kwargs={
+            "config": cfg.storage,
+            "version": version,
+            "mask_settings": cfg.mask_settings(),
+            "listed": listed,
+        },
         batch_format="pyarrow",
     )
     return _not_in_ledger(current, root, cfg, partitions)

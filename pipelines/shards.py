@@ -30,13 +30,13 @@ import ray
 from pipelines import storage
 from pipelines.storage import StorageConfig
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 LABELS = "labels"
 ERRORS = "errors"
 Kind = Literal["labels", "errors"]
 SUMMARY_FILE = "label_summary.json"  # the latest run's summary
 RUNS_DIR = "label_runs"  # every run's summary
-SUPERSEDED_DIR = "superseded"  # files a `--force` run replaced, kept rather than deleted
+SUPERSEDED_DIR = "superseded"  # files a run replaced (`--force`) or rewrote, kept as they were
 SHARD_EXTENSION = ".parquet"
 LATEST = "latest"  # model_version argument: the one of the latest run's summary
 
@@ -46,6 +46,10 @@ META_CLASSES = b"wsss.classes"
 
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 _PROVENANCE = [
+    # What makes the row current (`pipelines.label.rows.row_key`: a digest of the image's
+    # labels, its source version and the mask-shaping settings); a run relabels an image whose
+    # manifest row has another key. Files of schema version 2 and before lack it.
+    pa.field("row_key", pa.string()),
     pa.field("model_version", pa.string(), nullable=False),
     pa.field("config_hash", pa.string(), nullable=False),
     pa.field("created_at", _TIMESTAMP, nullable=False),

@@ -386,7 +386,7 @@ def test_transient_fetch_errors_are_retried_by_the_next_run_and_superseded(
         again = label.run(flaky, **quiet)
     finally:
         server.stop()
-    assert (back["labelled"], back["errors"], back["superseded_transient_errors"]) == (6, 0, 6)
+    assert (back["labelled"], back["errors"], back["superseded_rows"]) == (6, 0, 6)
     assert not shards.shard_files(flaky.run_uri, "errors", flaky.storage)  # superseded, kept aside
     assert list((tmp_path / "runs" / "tiny" / shards.SUPERSEDED_DIR).rglob("*.parquet"))
     ids = rows(flaky, "labels").column("image_id").to_pylist()
@@ -513,6 +513,51 @@ def test_anti_join_resolves_each_image_id_of_a_bucket_on_its_own():
     assert out.schema == label_rows.ROW_SCHEMA
 
 
+def test_a_row_whose_key_changed_is_labelled_again_and_replaces_its_old_row():
+    settings = "settings-digest"
+    key = label_rows.row_key(["cat"], "etag-1", settings)
+    assert (
+        len(
+            {
+                key,
+                label_rows.row_key(["cat", "dog"], "etag-1", settings),  # labels changed
+                label_rows.row_key(["cat"], "etag-2", settings),  # the image changed
+                label_rows.row_key(["cat"], "etag-1", "other settings"),  # mask settings changed
+                label_rows.row_key(["cat"], None, settings),
+            }
+        )
+        == 5
+    )
+    row = label_rows.manifest_row("a", "a.png", ["cat"], key=key)
+    old = label_rows.manifest_row("a", None, [], "done_marker", key="old-key")
+    (changed,) = label_rows.resolve_bucket(bucket(row, old)).to_pylist()
+    assert (changed["outcome"], changed["replaces"]) == (label_rows.OK, True)
+    same = old | {"row_key": key}
+    legacy = old | {"row_key": None}  # a file from before keys: done for any key
+    for marker in (same, legacy):
+        (done,) = label_rows.resolve_bucket(bucket(row, old, marker)).to_pylist()
+        assert done["outcome"] == label_rows.ALREADY_DONE
+
+
+def test_supersede_removes_the_replaced_rows_and_keeps_the_files_as_they_were(tmp_path):
+    folders = {kind: tmp_path / kind for kind in (shards.LABELS, shards.ERRORS)}
+    for folder in folders.values():
+        folder.mkdir()
+    labels_file = folders[shards.LABELS] / "v_r1_000000.parquet"
+    errors_file = folders[shards.ERRORS] / "v_r1_000000.parquet"
+    pq.write_table(pa.table({"image_id": ["a", "b"], "mask": [b"1", b"2"]}), labels_file)
+    pq.write_table(pa.table({"image_id": ["c"], "message": ["down"]}), errors_file)
+    files = [str(labels_file), str(errors_file)]
+    assert label_rows.supersede(str(tmp_path), StorageConfig(), files, "r2", set()) == 0
+    removed = label_rows.supersede(str(tmp_path), StorageConfig(), files, "r2", {"a", "c", "z"})
+    assert removed == 2
+    assert pq.read_table(labels_file).to_pylist() == [{"image_id": "b", "mask": b"2"}]
+    assert not errors_file.exists()  # nothing left in it
+    aside = tmp_path / shards.SUPERSEDED_DIR / "r2"
+    assert pq.read_table(aside / shards.LABELS / labels_file.name).num_rows == 2
+    assert pq.read_table(aside / shards.ERRORS / errors_file.name).num_rows == 1
+
+
 def test_anti_join_buckets_are_stable_and_in_range():
     table = pa.Table.from_pylist(
         [label_rows.manifest_row(f"img{i}", "x.png", []) for i in range(200)],
@@ -527,7 +572,7 @@ def test_anti_join_buckets_are_stable_and_in_range():
 def test_manifest_records_are_validated_row_by_row():
     index = {"background": 0, "cat": 1, "dog": 2}
     good = label_rows.validate_record(
-        {"image": "x/a.png", "labels": ["dog", "cat"]}, index, "s3://b", ""
+        {"image": "x/a.png", "labels": ["dog", "cat"]}, index, "s3://b", "", "s"
     )
     assert (good["image_id"], good["image"], good["labels"]) == (
         "x/a",
@@ -536,7 +581,7 @@ def test_manifest_records_are_validated_row_by_row():
     )
     assert good["outcome"] == label_rows.OK
     bad = label_rows.validate_record(
-        {"image": "a.png", "labels": "cat", "size": 3}, index, "/r", "raw"
+        {"image": "a.png", "labels": "cat", "size": 3}, index, "/r", "raw", "s"
     )
     assert (bad["image_id"], bad["outcome"], bad["error_stage"]) == (
         "a.png",
@@ -544,10 +589,10 @@ def test_manifest_records_are_validated_row_by_row():
         "manifest",
     )
     assert "labels: must be a list" in bad["error_message"] and "size" in bad["error_message"]
-    anonymous = label_rows.validate_record([1], index, "/r", "[1]")
+    anonymous = label_rows.validate_record([1], index, "/r", "[1]", "s")
     assert anonymous["image_id"].startswith("manifest-row-") and anonymous["image"] == ""
     assert (
-        label_rows.validate_record([1], index, "/r", "[1]") == anonymous
+        label_rows.validate_record([1], index, "/r", "[1]", "s") == anonymous
     )  # found again by a re-run
     # Lone surrogates, which JSON admits and Parquet does not: error rows, not a crashed job.
     lines = [
@@ -556,7 +601,7 @@ def test_manifest_records_are_validated_row_by_row():
         r'{"image": "c.png", "labels": ["\ud800"]}',
         '{"image": "d.png", "labels": ["dog"]}',
     ]
-    table = label_rows.rows_from_lines(pa.table({"text": lines}), index, "/r")
+    table = label_rows.rows_from_lines(pa.table({"text": lines}), index, "/r", "s")
     got = table.select(["image_id", "image", "outcome"]).to_pylist()
     assert [r["outcome"] for r in got] == [label_rows.ERROR] * 3 + [label_rows.OK]
     assert got[0]["image_id"] == "a.png" and got[1]["image_id"].startswith("manifest-row-")
@@ -620,4 +665,11 @@ def test_only_fetch_failures_outside_the_image_are_transient_and_not_done(tmp_pa
     )
     paths = pa.table({"path": sorted(str(p) for p in errors.iterdir())})
     markers = label_rows.done_markers_of_files(paths, str(tmp_path), StorageConfig())
-    assert sorted(markers.column("image_id").to_pylist()) == ["final", "old"]
+    keys = sorted((m["image_id"], m["row_key"]) for m in markers.to_pylist())
+    # Final errors stand for any key (their files are from before keys); the transient one's
+    # marker matches no key, so its image is tried again and its row replaced.
+    assert keys == [("final", None), ("old", None), ("retry", "retry")]
+    retry = label_rows.manifest_row("retry", "r.png", [], key="k")
+    (marker,) = [m for m in markers.to_pylist() if m["image_id"] == "retry"]
+    (again,) = label_rows.resolve_bucket(bucket(retry, marker)).to_pylist()
+    assert again["outcome"] == label_rows.OK and again["replaces"]

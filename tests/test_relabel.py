@@ -12,6 +12,7 @@ import pytest
 from conftest import upload_dataset
 
 from pipelines import relabel, shards, storage
+from pipelines.label import rows as label_rows
 from pipelines.config import load_config
 from pipelines.lease import LeaseHeld, leased
 from pipelines.model_record import save_model
@@ -111,11 +112,32 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     last = json.loads(storage.read_bytes("s3://" + records[-1], cfg.storage))
     assert last["run_id"] == next_night["run_id"] and last["date"] == "2026-11-21"
 
+    # The same night, an image rewritten a second time and another image's labels changed: both
+    # are labelled again into the same dated set, and their first rows there superseded.
+    (data / "images" / "synth-000001.png").write_bytes(
+        (data / "images" / "synth-000003.png").read_bytes()
+    )
+    manifest = [json.loads(line) for line in (data / "manifest.jsonl").read_text().splitlines()]
+    relabelled = manifest[2]
+    relabelled["labels"] = [c for c in classes[1:] if c not in relabelled["labels"]]
+    (data / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
+    upload_dataset(s3_endpoint, data, bucket, ["manifest.jsonl", "images/synth-000001.png"])
+    again = relabel.run(cfg, date="2026-11-21", listing=listing, **quiet)
+    assert (again["new_or_changed"], again["labelled"] + again["errors"]) == (2, 2)
+    night = storage.join(root, "2026-11-21")
+    ids = ["synth-000001", "synth-000002", "synth-000005", "synth-000006"]
+    assert labelled_ids(night, cfg) == ids  # one row per image
+    # Other mask settings: every row is labelled again (tonight, into the same set).
+    other = cfg.model_copy(update={"crf": cfg.crf.model_copy(update={"iterations": 2})})
+    redone = relabel.run(other, date="2026-11-21", listing=listing, **quiet)
+    assert redone["new_or_changed"] == 7 and redone["skipped"] == 0
+    assert labelled_ids(night, cfg) == [f"synth-{i:06d}" for i in range(7)]
+
     # A second relabel beside a running one (a cron overlap) is refused before it plans.
     with leased(root, cfg.storage, "nightly", "wsss relabel", 600, 0, lambda _: None):
         with pytest.raises(LeaseHeld, match="held by nightly on"):
             relabel.run(cfg, date="2026-11-21", **quiet)
-    assert len(fs.get_file_info(pafs.FileSelector(folder))) == 3  # it recorded no run
+    assert len(fs.get_file_info(pafs.FileSelector(folder))) == 5  # it recorded no run
 
 
 def test_listing_streams_image_objects_with_the_versions_a_request_gives(s3_endpoint, tmp_path):
@@ -146,7 +168,9 @@ def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(t
             {"image_id": "elsewhere", "image": str(image), "source_version": None},
         ]
     ).append_column("labels", pa.array([["cat"]] * 3))
-    out = relabel.with_source_versions(batch, StorageConfig(), "m1", listed="s3://b/images/")
+    out = relabel.with_source_versions(
+        batch, StorageConfig(), "m1", mask_settings="s", listed="s3://b/images/"
+    )
     versions = dict(
         zip(
             out.column("image_id").to_pylist(),
@@ -158,3 +182,5 @@ def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(t
     assert versions["elsewhere"] == relabel.source_version(str(image), StorageConfig())
     assert versions["elsewhere"].startswith("4-")  # size and mtime of the local file
     assert out.column("model_version").to_pylist() == ["m1"] * 3
+    # Keyed as `wsss label` keys the night manifest's rows, which carry these versions.
+    assert out.column("row_key")[0].as_py() == label_rows.row_key(["cat"], "etag-1", "s")

@@ -62,6 +62,9 @@ def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
         "name=tiny",
         "ray.train_workers=2",
         "cam.scales=[1.0]",
+        # HFPL's loss reads the class maps with the logits: the Ray Train job must pass that
+        # call through DDP (the plain CAM trains through Ray in tests/test_label.py and others).
+        "classifier.model.method=hfpl",
         *tiny_networks(),
     ]
 

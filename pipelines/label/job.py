@@ -5,7 +5,7 @@ One streaming Ray Data execution; the driver holds no rows, only the class list,
 records and one small count record per write task:
 
     manifest rows (read_text / read_parquet; each row validated, a bad row becomes an error row)
-      + the image_ids this model version already wrote (unless --force)
+      + the (image_id, row key) pairs this model version already wrote (unless --force)
     -> groupby(bucket of image_ids).map_groups: the anti-join against earlier runs and the
                                               duplicate check
     -> fetch + decode                         CPU tasks (S3 fetches overlap in threads; without
@@ -24,11 +24,16 @@ model steps.
 Every manifest row travels to the sink exactly once with an `outcome`: labelled, error (with the
 stage, error type and message) or skipped; so input = labelled + errors + skipped by construction.
 
-Re-runs: an image whose image_id already has a row of the same model version, in labels/ or in
-errors/, is skipped (an image that failed stays failed until `--force`; writing a second row for
-it would break "one row per image"). `--force` first moves this model version's files to
-`<out>/superseded/<run_id>/` and labels everything again. Several manifest rows with one
-image_id give one error row (DuplicateImageId) and are otherwise skipped.
+Re-runs: each manifest row has a key (`rows.row_key`: a digest of its labels, its source
+version when the manifest gives one, and the settings that shape masks). An image whose image_id
+already has a row of the same model version and key, in labels/ or in errors/, is skipped (an
+image that failed for good stays failed until it or its row changes). One whose earlier rows have
+another key (changed labels, image or settings), or whose error was transient, is labelled again
+and its earlier row removed from its file after the run (`rows.supersede`; the file as it was
+goes to `<out>/superseded/<run_id>/`), so the shards keep one row per image. `--force` first
+moves this model version's files to `<out>/superseded/<run_id>/` and labels everything again.
+Several manifest rows with one image_id give one error row (DuplicateImageId) and are otherwise
+skipped.
 
 Killed runs: a shard is written whole or not at all (local files are written under a `.tmp`
 name and renamed; an S3 object appears only when its upload completes), so a run started again
@@ -450,8 +455,16 @@ def _label(
     if retired:
         log(f"--force: moved {retired} earlier shard file(s) to {out}/superseded/{run_id}/")
     log(f"labeling {cfg.dataset.manifest} into {out} (model version {version}, run {run_id})")
-    # Errors/ files from before: their transient rows are retried now, and superseded after.
-    earlier_errors = [] if force else shards.shard_files(out, shards.ERRORS, cfg.storage, version)
+    # Files from before: rows this run writes anew (a changed key, a transient error retried)
+    # are removed from them after it.
+    earlier = (
+        []
+        if force
+        else [
+            *shards.shard_files(out, shards.LABELS, cfg.storage, version),
+            *shards.shard_files(out, shards.ERRORS, cfg.storage, version),
+        ]
+    )
     ds = labelled_dataset(cfg, networks.classes, networks.records, None if force else version, out)
     sink = label_rows.ShardSink(
         out,
@@ -468,9 +481,12 @@ def _label(
     seconds = time.perf_counter() - started
     assert sink.counts is not None  # set by on_write_complete
     counts = sink.counts
-    retried = label_rows.supersede_transient(out, cfg.storage, earlier_errors, run_id)
-    if retried:
-        log(f"retried {retried} image(s) whose earlier error was transient; old rows superseded")
+    superseded = label_rows.supersede(out, cfg.storage, earlier, run_id, sink.replaced)
+    if superseded:
+        log(
+            f"{superseded} earlier row(s) replaced (changed image, labels or settings, or a "
+            f"transient error retried): moved to {out}/{shards.SUPERSEDED_DIR}/{run_id}/"
+        )
     if counts["transient_errors"]:
         log(
             f"{counts['transient_errors']} error(s) are transient (network, throttling, 5xx): "
@@ -492,7 +508,7 @@ def _label(
         "records": networks.uris,
         "force": force,
         "retired_files": retired,
-        "superseded_transient_errors": retried,
+        "superseded_rows": superseded,
         "keep_stages": cfg.label.keep_stages,
         "crf_pool": crf_pool(cfg),
     }

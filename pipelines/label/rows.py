@@ -38,6 +38,8 @@ ERROR = "error"
 ALREADY_DONE = "already_done"  # this model version wrote a row for the image before
 DUPLICATE = "duplicate"  # another manifest row has the same image_id
 _DONE_MARKER = "done_marker"  # rows read from earlier shards; they never leave the anti-join
+# The key of a transient error row's marker: it matches no row, so the image is tried again.
+_RETRY_KEY = "retry"
 
 FETCH_THREADS = 16  # S3 reads overlap their latency within a fetch task
 ROW_GROUP_ROWS = 128  # small row groups: reader.PseudoLabelDataset reads one per item it needs
@@ -62,6 +64,11 @@ _ROW_FIELDS = [
     pa.field("image_id", pa.string()),
     pa.field("image", pa.string()),
     pa.field("labels", pa.list_(pa.string())),
+    # What makes the row's result current (`row_key`); null in done markers of files from before
+    # it existed, which then stand for any key.
+    pa.field("row_key", pa.string()),
+    # Whether an earlier run wrote a row of this image_id that this row's result replaces.
+    pa.field("replaces", pa.bool_()),
     pa.field("outcome", pa.string()),
     pa.field("error_stage", pa.string()),
     pa.field("error_type", pa.string()),
@@ -91,16 +98,33 @@ def finished_schema(stages: Sequence[str]) -> pa.Schema:
 # --- manifest rows ----------------------------------------------------------------------------
 
 
+def row_key(labels: Sequence[str], source_version: str | None, mask_settings: str) -> str:
+    """What makes a labelled row current: a digest of the image's labels, its source version
+    (when the manifest gives one) and the settings that shape its mask
+    (`RunConfig.mask_settings`). A manifest row whose key no earlier row of its image_id has is
+    labelled again, and the earlier row superseded (`supersede`)."""
+    canonical = json.dumps([list(labels), source_version or "", mask_settings])
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
 def manifest_row(
-    image_id: str, image: str, labels: Iterable[str], outcome: str = OK, failure=("", "", "")
+    image_id: str,
+    image: str,
+    labels: Iterable[str],
+    outcome: str = OK,
+    failure=("", "", ""),
+    *,
+    key: str | None = None,
 ) -> dict:
-    """A `ROW_SCHEMA` row: a valid manifest row (outcome OK), or an error row with its
-    (stage, error type, message) `failure`."""
+    """A `ROW_SCHEMA` row with its `row_key`: a valid manifest row (outcome OK), or an error row
+    with its (stage, error type, message) `failure`."""
     stage, error_type, message = failure
     return {
         "image_id": image_id,
         "image": image,
         "labels": list(labels),
+        "row_key": key,
+        "replaces": False,
         "outcome": outcome,
         "error_stage": stage,
         "error_type": error_type,
@@ -117,10 +141,13 @@ def fail(row: dict, stage: str, exc: BaseException) -> None:
     )
 
 
-def validate_record(record: object, index: dict[str, int], root: str, raw: str) -> dict:
+def validate_record(
+    record: object, index: dict[str, int], root: str, raw: str, mask_settings: str
+) -> dict:
     """One manifest record as a row: resolved image URI and labels (the rules of docs/output.md,
-    `pipelines.manifests`), or an error row naming every problem. `raw` is the record's text: a row
-    without a usable image_id or image is identified by its hash, so a re-run finds it again."""
+    `pipelines.manifests`), keyed by `row_key`, or an error row naming every problem. `raw` is
+    the record's text: a row without a usable image_id or image is identified by its hash, so a
+    re-run finds it again."""
     problems: list[str] = []
     parsed = None
     if isinstance(record, dict):
@@ -128,7 +155,8 @@ def validate_record(record: object, index: dict[str, int], root: str, raw: str) 
     else:
         problems.append(f"expected a JSON object, got {type(record).__name__}")
     if parsed is not None:
-        return manifest_row(parsed.image_id, parsed.image, parsed.labels)
+        key = row_key(parsed.labels, record.get("source_version"), mask_settings)
+        return manifest_row(parsed.image_id, parsed.image, parsed.labels, key=key)
     fields = record if isinstance(record, dict) else {}
 
     def usable(value: object) -> bool:  # what an error row can carry (lone surrogates cannot)
@@ -157,10 +185,14 @@ def _unnamed_id(raw: str) -> str:
 
 
 def _manifest_error(image_id: str, image: str, message: str) -> dict:
-    return manifest_row(image_id, image, [], ERROR, ("manifest", "ManifestError", message))
+    # Keyed by its problem: recorded once, and again when the row changes.
+    key = hashlib.sha256(message.encode()).hexdigest()[:16]
+    return manifest_row(image_id, image, [], ERROR, ("manifest", "ManifestError", message), key=key)
 
 
-def rows_from_lines(batch: pa.Table, index: dict[str, int], root: str) -> pa.Table:
+def rows_from_lines(
+    batch: pa.Table, index: dict[str, int], root: str, mask_settings: str
+) -> pa.Table:
     """Ray Data step: JSON Lines text rows {"text"} -> validated rows."""
     rows = []
     for line in batch.column("text").to_pylist():
@@ -170,7 +202,7 @@ def rows_from_lines(batch: pa.Table, index: dict[str, int], root: str) -> pa.Tab
             message = f"malformed JSON: {exc.msg} at column {exc.colno}: {line[:200]!r}"
             rows.append(_manifest_error(_unnamed_id(line), "", message))
             continue
-        rows.append(validate_record(record, index, root, line))
+        rows.append(validate_record(record, index, root, line, mask_settings))
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
@@ -188,15 +220,20 @@ def within_roots(batch: pa.Table, roots: Sequence[str]) -> pa.Table:
                     row["labels"],
                     ERROR,
                     ("manifest", "OutsideAllowedRoots", problem),
+                    key=row["row_key"],
                 )
             )
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
-def rows_from_records(batch: pa.Table, index: dict[str, int], root: str) -> pa.Table:
+def rows_from_records(
+    batch: pa.Table, index: dict[str, int], root: str, mask_settings: str
+) -> pa.Table:
     """Ray Data step: manifest records (Parquet manifest or VOC rows) -> validated rows."""
     rows = [
-        validate_record(record, index, root, json.dumps(record, sort_keys=True, default=str))
+        validate_record(
+            record, index, root, json.dumps(record, sort_keys=True, default=str), mask_settings
+        )
         for record in batch.to_pylist()
     ]
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -205,23 +242,33 @@ def rows_from_records(batch: pa.Table, index: dict[str, int], root: str) -> pa.T
 # --- anti-join against earlier runs -------------------------------------------------------------
 
 
+def _marker_keys(path: str, fs: pafs.FileSystem) -> pa.Table:
+    """(image_id, row_key) of a shard file's rows: the key null in files from before keys, and
+    `_RETRY_KEY` for transient error rows (their images are tried again)."""
+    stored = set(pq.read_schema(path, filesystem=fs).names)
+    wanted = [c for c in ("image_id", "row_key", "transient") if c in stored]
+    table = pq.read_table(path, columns=wanted, filesystem=fs)
+    keys = table["row_key"] if "row_key" in stored else pa.nulls(table.num_rows, pa.string())
+    if "transient" in stored:
+        keys = pc.if_else(table["transient"], pa.scalar(_RETRY_KEY), keys)
+    return pa.table({"image_id": table["image_id"], "row_key": keys})
+
+
 def done_markers_of_files(batch: pa.Table, out_uri: str, config: StorageConfig) -> pa.Table:
-    """Ray Data step: shard file paths {"path"} -> a done marker row per image_id in them, but
-    for transient error rows (their images are retried)."""
+    """Ray Data step: shard file paths {"path"} -> a done marker row per row in them, with the
+    row's image_id and key (`_marker_keys`)."""
     fs, _ = storage.filesystem(out_uri, config)
-    ids = []
-    for path in batch.column("path").to_pylist():
-        if posixpath.basename(posixpath.dirname(path)) == shards.ERRORS:
-            ids.append(permanent_errors(pq.read_table(path, filesystem=fs))["image_id"])
-        else:
-            ids.append(pq.read_table(path, columns=["image_id"], filesystem=fs)["image_id"])
-    ids = pa.chunked_array(ids, pa.string()).combine_chunks()
-    n = len(ids)
+    keys = pa.concat_tables(
+        [_marker_keys(path, fs) for path in batch.column("path").to_pylist()]
+    ).combine_chunks()
+    n = keys.num_rows
     empty = pa.array([""] * n, pa.string())
     columns = {
-        "image_id": ids,
+        "image_id": keys["image_id"],
         "image": pa.nulls(n, pa.string()),
         "labels": pa.nulls(n, pa.list_(pa.string())),
+        "row_key": keys["row_key"],
+        "replaces": pa.nulls(n, pa.bool_()),
         "outcome": pa.array([_DONE_MARKER] * n, pa.string()),
         "error_stage": empty,
         "error_type": empty,
@@ -230,33 +277,35 @@ def done_markers_of_files(batch: pa.Table, out_uri: str, config: StorageConfig) 
     return pa.table(columns, schema=ROW_SCHEMA)
 
 
-def permanent_errors(errors: pa.Table) -> pa.Table:
-    """The rows of an errors/ file that are final (files from before `transient` have none)."""
-    if "transient" not in errors.column_names:
-        return errors
-    return errors.filter(pc.invert(errors["transient"]))
-
-
-def supersede_transient(out_uri: str, config: StorageConfig, files: list[str], run_id: str) -> int:
-    """Remove the transient error rows from the errors/ `files`, whose images a run has just
-    retried (so each has a newer row): each such file is copied to `superseded/<run_id>/errors/`
-    and rewritten without them (deleted when none is left). Returns how many rows went. A crash
-    in between leaves the old row beside the new one; the next run removes it."""
+def supersede(
+    out_uri: str, config: StorageConfig, files: list[str], run_id: str, replaced: set[str]
+) -> int:
+    """Remove the rows of the image_ids `replaced` from the shard `files` written before a run
+    that has just written newer rows of them (a changed key, a retried transient error): each
+    file concerned is copied to `superseded/<run_id>/<kind>/` and rewritten without them
+    (deleted when none is left), so the shard set keeps one row per image_id. Returns how many
+    rows went. A crash in between leaves the old row beside the new one; the next run that
+    writes the image again removes it."""
+    if not replaced:
+        return 0
     fs, root = storage.filesystem(out_uri, config)
-    target = posixpath.join(root, shards.SUPERSEDED_DIR, run_id, shards.ERRORS)
+    value_set = pa.array(sorted(replaced), pa.string())
     removed = 0
     for path in files:
-        errors = pq.read_table(path, filesystem=fs)
-        kept = permanent_errors(errors)
-        if kept.num_rows == errors.num_rows:
+        ids = pq.read_table(path, columns=["image_id"], filesystem=fs)["image_id"]
+        if not pc.any(pc.is_in(ids, value_set=value_set)).as_py():
             continue
+        rows = pq.read_table(path, filesystem=fs)
+        kept = rows.filter(pc.invert(pc.is_in(rows["image_id"], value_set=value_set)))
+        kind = posixpath.basename(posixpath.dirname(path))
+        target = posixpath.join(root, shards.SUPERSEDED_DIR, run_id, kind)
         fs.create_dir(target, recursive=True)
         fs.copy_file(path, posixpath.join(target, posixpath.basename(path)))
         if kept.num_rows:
             _write_atomically(fs, path, kept, not storage.is_s3(out_uri))
         else:
             fs.delete_file(path)
-        removed += errors.num_rows - kept.num_rows
+        removed += rows.num_rows - kept.num_rows
     return removed
 
 
@@ -291,14 +340,30 @@ def with_bucket(batch: pa.Table, buckets: int) -> pa.Table:
 
 def resolve_bucket(bucket: pa.Table) -> pa.Table:
     """Ray Data map_groups step: the manifest rows of a bucket of image_ids (`with_bucket`),
-    with a done marker for each image_id an earlier run wrote. An image_id already written: all
-    its rows skipped. Several rows of one image_id: the first (by image) becomes a
-    DuplicateImageId error, the rest are skipped. Every other row goes on as it is."""
+    with a done marker for each row an earlier run wrote. An image_id with a row whose key has a
+    marker (or with a marker of no key: a file from before keys) is skipped; one whose markers
+    have other keys only goes on, marked `replaces`. Several rows of one image_id: the first (by
+    image) becomes a DuplicateImageId error, the rest are skipped."""
     bucket = bucket.drop_columns([BUCKET])
     is_marker = pc.equal(bucket["outcome"], _DONE_MARKER)
-    done_ids = bucket.filter(is_marker)["image_id"].combine_chunks()
+    markers = bucket.filter(is_marker)
     rows = bucket.filter(pc.invert(is_marker))
-    done = pc.is_in(rows["image_id"], value_set=done_ids)
+    marked = set(markers["image_id"].to_pylist())
+    current = {
+        (image_id, key)
+        for image_id, key in zip(
+            markers["image_id"].to_pylist(), markers["row_key"].to_pylist(), strict=True
+        )
+    }
+    ids, keys = rows["image_id"].to_pylist(), rows["row_key"].to_pylist()
+    # An image_id is done when one of its rows is (so a DuplicateImageId error, keyed by its
+    # first row, stays recorded once).
+    done_ids = {
+        i for i, k in zip(ids, keys, strict=True) if (i, k) in current or (i, None) in current
+    }
+    done = pa.array([i in done_ids for i in ids], pa.bool_())
+    replaces = pa.array([i in marked and i not in done_ids for i in ids], pa.bool_())
+    rows = rows.set_column(rows.schema.get_field_index("replaces"), "replaces", replaces)
     counts = rows.group_by("image_id").aggregate([("image_id", "count")])
     repeated = counts.filter(pc.greater(counts["image_id_count"], 1))["image_id"]
     duplicate = pc.and_not(pc.is_in(rows["image_id"], value_set=repeated.combine_chunks()), done)
@@ -434,6 +499,8 @@ class ShardSink(ray.data.Datasink):
         self.config_hash = config_hash
         self.min_rows = min_rows
         self.counts: dict | None = None
+        # image_ids whose earlier rows this run's rows replace (`supersede` removes those).
+        self.replaced: set[str] = set()
 
     @property
     def min_rows_per_write(self) -> int:
@@ -461,6 +528,7 @@ class ShardSink(ray.data.Datasink):
             "error_type": rows.column("error_type"),
             "message": rows.column("error_message"),
             "transient": pa.array(_transient_flags(rows), pa.bool_()),
+            "row_key": rows.column("row_key"),
         } | self._provenance(rows.num_rows)
         schema = shards.file_schema(shards.ERRORS, self.classes, self.stages)
         return pa.table([columns[name] for name in schema.names], schema=schema)
@@ -482,7 +550,10 @@ class ShardSink(ray.data.Datasink):
                 _write_atomically(fs, posixpath.join(root, kind, name), to_table(part), local)
         skipped = Counter(o for o in outcome.to_pylist() if o not in (OK, ERROR))
         transient = sum(_transient_flags(failed))
+        written = pc.or_(pc.equal(outcome, OK), pc.equal(outcome, ERROR))
+        replacing = pc.and_(written, pc.fill_null(rows.column("replaces"), False))
         return {
+            "replaced": rows.filter(replacing).column("image_id").to_pylist(),
             "labelled": labelled.num_rows,
             "errors": failed.num_rows,
             "transient_errors": transient,
@@ -494,7 +565,9 @@ class ShardSink(ray.data.Datasink):
         totals = {"labelled": 0, "errors": 0, "transient_errors": 0}
         skipped: Counter = Counter()
         by_stage: Counter = Counter()
+        self.replaced = set()
         for counts in write_result.write_returns:
+            self.replaced.update(counts["replaced"])
             totals["labelled"] += counts["labelled"]
             totals["errors"] += counts["errors"]
             totals["transient_errors"] += counts["transient_errors"]
