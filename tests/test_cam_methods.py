@@ -95,13 +95,21 @@ def test_the_ray_data_step_stacks_whatever_examples_the_method_makes():
     np.testing.assert_array_equal(stacked["targets"], [[1, 0], [0, 1], [1, 1]])
 
 
-def test_hfpl_draws_its_positions_where_the_class_is_likely():
+def test_hfpl_draws_its_positions_in_proportion_to_the_class_probability():
     maps = torch.full((1, 2, 4, 4), -30.0)
     maps[0, 0, 1, 2] = 30.0  # class 1: all its probability at one position
-    maps[0, 1, 3, 0] = 30.0
-    drawn = sampled_logits(maps, 50)
-    assert drawn.shape == (1, 2, 50)
-    assert (drawn == 30.0).all()
+    logits = torch.tensor([0.0, 1.0, -1.0, 2.0])  # class 2: four positions, the rest ~0
+    maps[0, 1, 0] = logits
+    torch.manual_seed(0)
+    drawn = sampled_logits(maps, 20000)
+    assert drawn.shape == (1, 2, 20000)
+    assert (drawn[0, 0] == 30.0).float().mean() > 0.999  # the 1e-5 floor elsewhere: ~1.5e-4
+    # Each position is drawn with probability sigmoid(logit) / sum of sigmoids: the sampled
+    # logits' frequencies follow that distribution (and so their mean its expectation).
+    expected = torch.sigmoid(logits) / torch.sigmoid(logits).sum()
+    frequencies = torch.stack([(drawn[0, 1] == value).float().mean() for value in logits])
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(drawn[0, 1].mean(), (expected * logits).sum(), atol=0.02, rtol=0)
 
 
 def _all_pairs_similarity(colours, maps, mu, sigma, radius):
