@@ -83,14 +83,16 @@ def test_rows_outside_the_allowed_roots_are_refused(tmp_path):
         assert "outside dataset.allowed_roots" in outside_roots(outside, roots)
     batch = pa.Table.from_pylist(
         [
-            label_rows.manifest_row("in", "s3://images/a.png", ["cat"]),
-            label_rows.manifest_row("out", "s3://elsewhere/a.png", ["cat"]),
+            label_rows.manifest_row("in", "s3://images/a.png", ["cat"], key="k1"),
+            label_rows.manifest_row("out", "s3://elsewhere/a.png", ["cat"], key="k2"),
         ],
         schema=label_rows.ROW_SCHEMA,
     )
     checked = label_rows.within_roots(batch, roots).to_pylist()
     assert [r["outcome"] for r in checked] == [label_rows.OK, label_rows.ERROR]
     assert checked[1]["error_type"] == "OutsideAllowedRoots"
+    # Keyed by its problem, not as the valid row: once the roots admit it, it is labelled.
+    assert checked[0]["row_key"] == "k1" and checked[1]["row_key"] not in (None, "k2")
     # The driver's manifest reader (training, run-local, evaluate) refuses the whole manifest.
     manifest = synthetic.generate(tmp_path / "ds", 2, seed=1, params=SyntheticParams(n_classes=2))
     cfg = load_config(

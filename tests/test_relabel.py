@@ -12,8 +12,8 @@ import pytest
 from conftest import upload_dataset
 
 from pipelines import relabel, shards, storage
-from pipelines.label import rows as label_rows
 from pipelines.config import load_config
+from pipelines.label import rows as label_rows
 from pipelines.lease import LeaseHeld, leased
 from pipelines.model_record import save_model
 from pipelines.storage import StorageConfig

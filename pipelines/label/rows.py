@@ -184,10 +184,15 @@ def _unnamed_id(raw: str) -> str:
     return "manifest-row-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+def _problem_key(message: str) -> str:
+    """The key of a row that fails the manifest check: its problem, so it is recorded once and
+    again only when the problem changes; once the row is valid its key is another one."""
+    return hashlib.sha256(message.encode()).hexdigest()[:16]
+
+
 def _manifest_error(image_id: str, image: str, message: str) -> dict:
-    # Keyed by its problem: recorded once, and again when the row changes.
-    key = hashlib.sha256(message.encode()).hexdigest()[:16]
-    return manifest_row(image_id, image, [], ERROR, ("manifest", "ManifestError", message), key=key)
+    failure = ("manifest", "ManifestError", message)
+    return manifest_row(image_id, image, [], ERROR, failure, key=_problem_key(message))
 
 
 def rows_from_lines(
@@ -220,7 +225,7 @@ def within_roots(batch: pa.Table, roots: Sequence[str]) -> pa.Table:
                     row["labels"],
                     ERROR,
                     ("manifest", "OutsideAllowedRoots", problem),
-                    key=row["row_key"],
+                    key=_problem_key(problem),
                 )
             )
     return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
