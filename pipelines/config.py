@@ -45,6 +45,11 @@ from wsss.training import OptimParams
 from wsss.transforms import AugmentParams
 
 
+def _digest(value: object) -> str:
+    """Content hash of a JSON-ready value, stable across key order."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the offending field."""
 
@@ -296,8 +301,7 @@ class RunSettings(Section):
 
     def hash(self) -> str:
         """Content hash of the resolved configuration (stable across key order)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _digest(self.model_dump(mode="json"))
 
     def mask_settings(self) -> str:
         """Digest of the sections that shape a mask given the networks (the CAM stage, the
@@ -305,8 +309,7 @@ class RunSettings(Section):
         change to them relabels the rows it affects (`pipelines.label.rows.row_key`)."""
         data = self.model_dump(mode="json")
         sections = ("cam", "refiners", *self.refiners, "pseudo_label")
-        canonical = json.dumps({name: data[name] for name in sections}, sort_keys=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+        return _digest({name: data[name] for name in sections})
 
     def for_labeling(
         self, manifest: str | None = None, out: str | None = None, keep_stages: bool = False

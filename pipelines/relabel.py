@@ -40,7 +40,6 @@ the driver, which only streams the night's (small) delta into its manifest file.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from collections.abc import Callable, Iterator
@@ -175,12 +174,10 @@ def valid_rows(batch: pa.Table) -> pa.Table:
 def invalid_rows(batch: pa.Table, version: str) -> pa.Table:
     """Ray Data step: the manifest rows that failed the manifest check (error rows), keyed for
     the ledger by a digest of what is wrong with them: recorded once, and again only when the
-    row changes (a corrected row is a valid one and is labelled)."""
+    row changes (a corrected row is a valid one and is labelled): their row key, which is
+    that digest (`label_rows.row_key`'s twin for invalid rows)."""
     bad = batch.filter(pc.not_equal(batch.column("outcome"), label_rows.OK))
-    digests = [
-        "manifest-error-" + hashlib.sha256(message.encode()).hexdigest()[:16]
-        for message in bad.column("error_message").to_pylist()
-    ]
+    digests = ["manifest-error-" + key for key in bad.column("row_key").to_pylist()]
     return bad.append_column("source_version", pa.array(digests, pa.string())).append_column(
         "model_version", pa.array([version] * bad.num_rows, pa.string())
     )

@@ -187,7 +187,7 @@ def _unnamed_id(raw: str) -> str:
 def _problem_key(message: str) -> str:
     """The key of a row that fails the manifest check: its problem, so it is recorded once and
     again only when the problem changes; once the row is valid its key is another one."""
-    return hashlib.sha256(message.encode()).hexdigest()[:16]
+    return hashlib.sha256(message[:MAX_MESSAGE_CHARS].encode()).hexdigest()[:16]
 
 
 def _manifest_error(image_id: str, image: str, message: str) -> dict:
