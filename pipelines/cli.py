@@ -154,7 +154,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_relabel(args: argparse.Namespace) -> int:
-    from pipelines import relabel
+    from pipelines.relabel import job as relabel
 
     cfg = _config(args)
     with _console(cfg, "relabel") as say:

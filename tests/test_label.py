@@ -612,7 +612,7 @@ def test_manifest_records_are_validated_row_by_row():
 def test_steps_without_a_model_never_import_torch():
     # Ray's task workers import the module of each step they run: these stay free of torch.
     code = (
-        "import sys, pipelines.label.rows, pipelines.shards; "
+        "import sys, pipelines.label.rows, pipelines.relabel.rows, pipelines.shards; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

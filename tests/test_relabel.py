@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import upload_dataset
 
-from pipelines import relabel, shards, storage
+from pipelines import shards, storage
 from pipelines.config import load_config
 from pipelines.label import rows as label_rows
 from pipelines.lease import LeaseHeld, leased
 from pipelines.model_record import save_model
+from pipelines.relabel import job as relabel
+from pipelines.relabel import rows as relabel_rows
 from pipelines.storage import StorageConfig
 from wsss import synthetic
 from wsss.affinity import AffinityNet
@@ -147,14 +149,16 @@ def test_listing_streams_image_objects_with_the_versions_a_request_gives(s3_endp
     bucket = upload_dataset(s3_endpoint, data)
     config = StorageConfig(s3_endpoint_url=s3_endpoint)
     for prefix in (f"s3://{bucket}/data/images/", str(data / "images")):
-        listing = pa.concat_tables(relabel.list_versions(prefix, config)).to_pylist()
+        listing = pa.concat_tables(relabel_rows.list_versions(prefix, config)).to_pylist()
         names = sorted(row["image"].rsplit("/", 1)[1] for row in listing)
         assert names == [f"synth-00000{i}.png" for i in range(3)]
         for row in listing:
-            assert row["source_version"] == relabel.source_version(row["image"], config)
+            assert row["source_version"] == relabel_rows.source_version(row["image"], config)
     # A prefix is a folder: "images" does not list "images2/".
-    assert relabel.listing_folder(f"s3://{bucket}/data/images") == f"s3://{bucket}/data/images/"
-    assert relabel.source_version(f"s3://{bucket}/data/images/nope.png", config) == "missing"
+    assert (
+        relabel_rows.listing_folder(f"s3://{bucket}/data/images") == f"s3://{bucket}/data/images/"
+    )
+    assert relabel_rows.source_version(f"s3://{bucket}/data/images/nope.png", config) == "missing"
 
 
 def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(tmp_path):
@@ -168,7 +172,7 @@ def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(t
             {"image_id": "elsewhere", "image": str(image), "source_version": None},
         ]
     ).append_column("labels", pa.array([["cat"]] * 3))
-    out = relabel.with_source_versions(
+    out = relabel_rows.with_source_versions(
         batch, StorageConfig(), "m1", mask_settings="s", listed="s3://b/images/"
     )
     versions = dict(
@@ -179,7 +183,7 @@ def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(t
         )
     )
     assert versions["listed"] == "etag-1" and versions["gone"] == "missing"
-    assert versions["elsewhere"] == relabel.source_version(str(image), StorageConfig())
+    assert versions["elsewhere"] == relabel_rows.source_version(str(image), StorageConfig())
     assert versions["elsewhere"].startswith("4-")  # size and mtime of the local file
     assert out.column("model_version").to_pylist() == ["m1"] * 3
     # Keyed as `wsss label` keys the night manifest's rows, which carry these versions.

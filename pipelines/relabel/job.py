@@ -42,23 +42,21 @@ from __future__ import annotations
 
 import json
 import posixpath
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from functools import partial
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-from botocore.exceptions import BotoCoreError, ClientError
 
 from pipelines import lease, manifests, shards, storage
 from pipelines.config import RunConfig
 from pipelines.inputs import manifest_dataset
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
+from pipelines.relabel import rows as relabel_rows
 from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
 
@@ -66,159 +64,6 @@ LEDGER = "ledger"
 PENDING = "pending"  # ledger files of runs still labeling
 RUNS = "runs"
 LISTINGS = "listings"
-STAT_THREADS = 16
-LISTING_PAGE = 1000  # objects per listing batch: S3's page size
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-LEDGER_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("source_version", pa.string()),
-        pa.field("model_version", pa.string()),
-        # `label_rows.row_key`; ledger files from before it lack it (`_not_in_ledger`).
-        pa.field("row_key", pa.string()),
-    ]
-)
-_LEGACY_LEDGER_KEY = ("image_id", "source_version", "model_version")
-LISTING_SCHEMA = pa.schema(
-    [pa.field("image", pa.string()), pa.field("source_version", pa.string())]
-)
-_MANIFEST_COLUMNS = ("image_id", "image", "labels")
-NIGHT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("image", pa.string()),
-        pa.field("labels", pa.list_(pa.string())),
-        # So that `wsss label` keys the night's rows as the ledger does: an image changed twice
-        # on one night is labelled again in the same dated set.
-        pa.field("source_version", pa.string()),
-    ]
-)
-
-
-def _etag_version(etag: str) -> str:
-    return "etag-" + etag.strip('"')
-
-
-def _file_version(info: pafs.FileInfo) -> str:
-    return f"{info.size}-{info.mtime_ns}"
-
-
-def source_version(uri: str, config: StorageConfig) -> str:
-    """The version of the image object at `uri` (its ETag on S3, size and mtime locally);
-    "missing" when there is none, "unreadable" when asking failed (the labeling then records
-    the fetch error)."""
-    if storage.is_s3(uri):
-        bucket, key = storage.split_s3(uri)
-        try:
-            head = storage.s3_client(config).head_object(Bucket=bucket, Key=key)
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return "missing" if status == 404 else "unreadable"
-        except BotoCoreError:
-            return "unreadable"
-        return _etag_version(head["ETag"])
-    fs, path = storage.filesystem(uri, config)
-    try:
-        info = fs.get_file_info(path)
-    except OSError:
-        return "unreadable"
-    return _file_version(info) if info.type == pafs.FileType.File else "missing"
-
-
-def listing_folder(prefix: str) -> str:
-    """A listing's prefix as a folder: "s3://b/images" lists s3://b/images/..., not images2/."""
-    folder = prefix.rstrip("/") + "/"
-    return folder if storage.is_s3(folder) else posixpath.abspath(folder) + "/"
-
-
-def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
-    """The image objects under the folder or S3 prefix `prefix` with their source versions,
-    streamed a page at a time (the driver never holds the whole listing)."""
-    folder = listing_folder(prefix)
-    if storage.is_s3(folder):
-        bucket, key = storage.split_s3(folder)
-        paginator = storage.s3_client(config).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key):
-            objects = [
-                o for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)
-            ]
-            yield pa.table(
-                {
-                    "image": [f"s3://{bucket}/{o['Key']}" for o in objects],
-                    "source_version": [_etag_version(o["ETag"]) for o in objects],
-                },
-                schema=LISTING_SCHEMA,
-            )
-        return
-    fs = pafs.LocalFileSystem()
-    infos = fs.get_file_info(pafs.FileSelector(folder, recursive=True))
-    files = [
-        i for i in infos if i.type == pafs.FileType.File and i.path.lower().endswith(IMAGE_SUFFIXES)
-    ]
-    for start in range(0, len(files), LISTING_PAGE):
-        page = files[start : start + LISTING_PAGE]
-        yield pa.table(
-            {"image": [i.path for i in page], "source_version": [_file_version(i) for i in page]},
-            schema=LISTING_SCHEMA,
-        )
-
-
-def valid_rows(batch: pa.Table) -> pa.Table:
-    """Ray Data step: the manifest rows that passed the manifest check, with the columns the
-    night's manifest keeps."""
-    ok = batch.filter(pc.equal(batch.column("outcome"), label_rows.OK))
-    return ok.select(_MANIFEST_COLUMNS)
-
-
-def invalid_rows(batch: pa.Table, version: str) -> pa.Table:
-    """Ray Data step: the manifest rows that failed the manifest check (error rows), keyed for
-    the ledger by a digest of what is wrong with them: recorded once, and again only when the
-    row changes (a corrected row is a valid one and is labelled): their row key, which is
-    that digest (`label_rows.row_key`'s twin for invalid rows)."""
-    bad = batch.filter(pc.not_equal(batch.column("outcome"), label_rows.OK))
-    digests = ["manifest-error-" + key for key in bad.column("row_key").to_pylist()]
-    return bad.append_column("source_version", pa.array(digests, pa.string())).append_column(
-        "model_version", pa.array([version] * bad.num_rows, pa.string())
-    )
-
-
-def with_source_versions(
-    batch: pa.Table,
-    config: StorageConfig,
-    version: str,
-    mask_settings: str,
-    listed: str | None = None,
-) -> pa.Table:
-    """Ray Data step: valid manifest rows -> the same with `source_version`, `model_version` and
-    their `row_key` (`label_rows.row_key`, as `wsss label` keys the night manifest's rows).
-    Rows joined to a listing of the folder `listed` keep the listing's version; rows under that
-    folder that the listing lacks are "missing"; any other row is asked for its version."""
-    rows = batch.to_pylist()
-    versions = [row.get("source_version") for row in rows]
-    ask = []
-    for i, row in enumerate(rows):
-        if versions[i] is None and listed is not None and row["image"].startswith(listed):
-            versions[i] = "missing"
-        elif versions[i] is None:
-            ask.append(i)
-    with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
-        asked = pool.map(partial(source_version, config=config), [rows[i]["image"] for i in ask])
-        for i, answer in zip(ask, asked, strict=True):
-            versions[i] = answer
-    return pa.table(
-        {
-            "image_id": [r["image_id"] for r in rows],
-            "image": [r["image"] for r in rows],
-            "labels": [r["labels"] for r in rows],
-            "source_version": versions,
-            "model_version": [version] * len(rows),
-            "row_key": [
-                label_rows.row_key(r["labels"], v, mask_settings)
-                for r, v in zip(rows, versions, strict=True)
-            ],
-        }
-    )
 
 
 def ledger_files(root: str, config: StorageConfig) -> list[str]:
@@ -246,7 +91,10 @@ def _not_in_ledger(
     files = ledger_files(root, cfg.storage)
     keyed = [f for f in files if "row_key" in pq.read_schema(f, filesystem=fs).names]
     legacy = [f for f in files if f not in keyed]
-    for done, key in ((keyed, LEDGER_SCHEMA.names), (legacy, _LEGACY_LEDGER_KEY)):
+    for done, key in (
+        (keyed, relabel_rows.LEDGER_SCHEMA.names),
+        (legacy, relabel_rows.LEGACY_LEDGER_KEY),
+    ):
         if done:
             ledger = ray.data.read_parquet(done, filesystem=fs, columns=list(key))
             rows = rows.join(ledger, "left_anti", num_partitions=partitions, on=tuple(key))
@@ -255,7 +103,7 @@ def _not_in_ledger(
 
 def read_listing(listing: str, cfg: RunConfig) -> ray.data.Dataset:
     fs, path = storage.filesystem(listing, cfg.storage)
-    return ray.data.read_parquet(path, filesystem=fs, schema=LISTING_SCHEMA)
+    return ray.data.read_parquet(path, filesystem=fs, schema=relabel_rows.LISTING_SCHEMA)
 
 
 def pending_rows(
@@ -270,12 +118,12 @@ def pending_rows(
     """The valid manifest `rows` whose (image_id, source version) the ledger has not seen
     labelled by model `version`; source versions from the `listing` file of the folder `listed`
     if given."""
-    current = rows.map_batches(valid_rows, batch_format="pyarrow")
+    current = rows.map_batches(relabel_rows.valid_rows, batch_format="pyarrow")
     if listing is not None:
         listed_rows = read_listing(listing, cfg)
         current = current.join(listed_rows, "left_outer", num_partitions=partitions, on=("image",))
     current = current.map_batches(
-        with_source_versions,
+        relabel_rows.with_source_versions,
         fn_kwargs={
             "config": cfg.storage,
             "version": version,
@@ -290,8 +138,11 @@ def pending_rows(
 def new_invalid_rows(
     cfg: RunConfig, rows: ray.data.Dataset, partitions: int, root: str, version: str
 ) -> ray.data.Dataset:
-    """The invalid manifest `rows` (`invalid_rows`) that no earlier run recorded as they are."""
-    invalid = rows.map_batches(invalid_rows, fn_kwargs={"version": version}, batch_format="pyarrow")
+    """The invalid manifest `rows` (`relabel_rows.invalid_rows`) that no earlier run recorded
+    as they are."""
+    invalid = rows.map_batches(
+        relabel_rows.invalid_rows, fn_kwargs={"version": version}, batch_format="pyarrow"
+    )
     return _not_in_ledger(invalid, root, cfg, partitions)
 
 
@@ -300,7 +151,9 @@ def objects_without_rows(
 ) -> ray.data.Dataset:
     """The listed image objects that no valid manifest row names: images without image-level
     labels, which cannot be labelled."""
-    named = rows.map_batches(valid_rows, batch_format="pyarrow").select_columns(["image"])
+    named = rows.map_batches(relabel_rows.valid_rows, batch_format="pyarrow").select_columns(
+        ["image"]
+    )
     return read_listing(listing, cfg).join(
         named, "left_anti", num_partitions=partitions, on=("image",)
     )
@@ -381,7 +234,12 @@ def _list_objects(
 ) -> dict:
     """List the image objects under `listed` with their versions into `listing_file`; the run
     record's fields on the objects without a manifest row."""
-    _write_parquet(listing_file, LISTING_SCHEMA, list_versions(listed, cfg.storage), cfg.storage)
+    _write_parquet(
+        listing_file,
+        relabel_rows.LISTING_SCHEMA,
+        relabel_rows.list_versions(listed, cfg.storage),
+        cfg.storage,
+    )
     unnamed = objects_without_rows(cfg, rows, partitions, listing_file).materialize()
     examples = [row["image"] for row in unnamed.take(5)]
     if examples:
@@ -408,14 +266,9 @@ def _label_night(
     classes_txt = storage.read_bytes(manifests.classes_uri(cfg.dataset.manifest), cfg.storage)
     storage.write_bytes(manifests.classes_uri(night_manifest), classes_txt, cfg.storage)
     batches = delta.iter_batches(batch_format="pyarrow", batch_size=4096)
-    _write_parquet(night_manifest, NIGHT_SCHEMA, batches, cfg.storage)
+    _write_parquet(night_manifest, relabel_rows.NIGHT_SCHEMA, batches, cfg.storage)
     log(f"{delta.count()} new or changed image(s): labeling them into {night}")
     return label.run(cfg, input_uri=night_manifest, out_uri=night, log=log)
-
-
-def transient_rows(batch: pa.Table) -> pa.Table:
-    """Ray Data step: errors/ rows -> the image_ids of the transient ones."""
-    return batch.filter(batch["transient"]).select(["image_id"])
 
 
 def _without_transient_errors(
@@ -432,8 +285,47 @@ def _without_transient_errors(
     ]
     fs, _ = storage.filesystem(night, cfg.storage)
     errors = ray.data.read_parquet(files, filesystem=fs, columns=["image_id", "transient"])
-    retry = errors.map_batches(transient_rows, batch_format="pyarrow")
+    retry = errors.map_batches(relabel_rows.transient_rows, batch_format="pyarrow")
     return delta.join(retry, "left_anti", num_partitions=partitions, on=("image_id",))
+
+
+@dataclass(frozen=True)
+class NightPlan:
+    """What a relabel has to do, before it labels anything (`plan`)."""
+
+    total: int  # manifest rows
+    delta: ray.data.Dataset  # the new or changed valid rows, keyed as the ledger keys them
+    new: int
+    invalid: ray.data.Dataset  # invalid rows no earlier run recorded as they are
+    n_invalid: int
+    partitions: int  # of the joins
+    listing: dict  # the run record's fields on the listing (`_list_objects`); empty without
+
+
+def plan(
+    cfg: RunConfig,
+    root: str,
+    run_id: str,
+    version: str,
+    classes: list[str],
+    listing: str | None,
+    log: Callable[[str], None],
+) -> NightPlan:
+    """Compare the manifest (with the versions of a listing of the folder or S3 prefix
+    `listing`, when given) with the ledger under `root` for model `version`."""
+    rows, partitions = manifest_rows(cfg, classes)
+    listing_file = listed = None
+    fields: dict = {}
+    if listing is not None:
+        listed = relabel_rows.listing_folder(listing)
+        listing_file = storage.join(root, LISTINGS, f"{run_id}.parquet")
+        fields = _list_objects(cfg, rows, partitions, listed, listing_file, log)
+    # Computed once, kept in the object store (spilled to disk if large), streamed twice.
+    delta = pending_rows(cfg, rows, partitions, root, version, listing_file, listed).materialize()
+    invalid = new_invalid_rows(cfg, rows, partitions, root, version).materialize()
+    return NightPlan(
+        rows.count(), delta, delta.count(), invalid, invalid.count(), partitions, fields
+    )
 
 
 def _relabel(
@@ -458,20 +350,13 @@ def _relabel(
         "model_version": version,
         "started_at": started.isoformat(timespec="seconds"),
     }
-    rows, partitions = manifest_rows(cfg, networks.classes)
-    listing_file = listed = None
-    if listing is not None:
-        listed = listing_folder(listing)
-        listing_file = storage.join(root, LISTINGS, f"{run_id}.parquet")
-        record |= _list_objects(cfg, rows, partitions, listed, listing_file, log)
-    # Computed once, kept in the object store (spilled to disk if large), streamed twice.
-    delta = pending_rows(cfg, rows, partitions, root, version, listing_file, listed).materialize()
-    invalid = new_invalid_rows(cfg, rows, partitions, root, version).materialize()
-    new, n_invalid = delta.count(), invalid.count()
+    night_plan = plan(cfg, root, run_id, version, networks.classes, listing, log)
+    delta, invalid = night_plan.delta, night_plan.invalid
+    new, n_invalid, total = night_plan.new, night_plan.n_invalid, night_plan.total
     # input = labelled + errors + skipped, as `wsss label` counts: rows the ledger already
     # holds are skipped, invalid rows are errors (once, until they change).
-    total = rows.count()
     counts = {"labelled": 0, "errors": 0, "skipped": total - new - n_invalid}
+    record |= night_plan.listing
     record.update(input=total, new_or_changed=new, invalid_manifest_rows=n_invalid, shards=night)
     done = [invalid]
     if n_invalid:
@@ -481,14 +366,14 @@ def _relabel(
         summary = _label_night(cfg, delta, night, night_manifest, log)
         counts = {k: counts[k] + summary[k] for k in counts}
         record["seconds"] = summary["seconds"]
-        done.append(_without_transient_errors(delta, night, cfg, summary, partitions))
+        done.append(_without_transient_errors(delta, night, cfg, summary, night_plan.partitions))
     elif not n_invalid:
         log("nothing new or changed since the last run: nothing to label")
     if new or n_invalid:
         # Labelled or recorded for good: from now on the ledger knows them (written aside
         # first, then moved in, so a reader never sees half a ledger file).
         batches = (b for part in done for b in part.iter_batches(batch_format="pyarrow"))
-        _write_parquet(pending_ledger, LEDGER_SCHEMA, batches, cfg.storage)
+        _write_parquet(pending_ledger, relabel_rows.LEDGER_SCHEMA, batches, cfg.storage)
         fs, path = storage.filesystem(pending_ledger, cfg.storage)
         fs.move(
             path, posixpath.join(posixpath.dirname(posixpath.dirname(path)), f"{run_id}.parquet")

@@ -1,0 +1,200 @@
+"""The rows of `wsss relabel` and its Ray Data steps: the ledger's and the listing's schemas,
+the images' source versions (a HEAD request, a stat, or a listing page) and the steps that key
+manifest rows for the ledger.
+
+Nothing here imports torch, directly or through what it imports (`tests/test_label.py`
+checks): Ray's task workers import the module of each step they run, and would otherwise load
+torch (several seconds and ~600 MB each) to join a manifest with a ledger. The job itself is
+`pipelines.relabel.job`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from botocore.exceptions import BotoCoreError, ClientError
+
+from pipelines import storage
+from pipelines.label import rows as label_rows
+from pipelines.storage import StorageConfig
+
+STAT_THREADS = 16
+LISTING_PAGE = 1000  # objects per listing batch: S3's page size
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("source_version", pa.string()),
+        pa.field("model_version", pa.string()),
+        # `label_rows.row_key`; ledger files from before it lack it (`_not_in_ledger`).
+        pa.field("row_key", pa.string()),
+    ]
+)
+LEGACY_LEDGER_KEY = ("image_id", "source_version", "model_version")
+LISTING_SCHEMA = pa.schema(
+    [pa.field("image", pa.string()), pa.field("source_version", pa.string())]
+)
+_MANIFEST_COLUMNS = ("image_id", "image", "labels")
+NIGHT_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("image", pa.string()),
+        pa.field("labels", pa.list_(pa.string())),
+        # So that `wsss label` keys the night's rows as the ledger does: an image changed twice
+        # on one night is labelled again in the same dated set.
+        pa.field("source_version", pa.string()),
+    ]
+)
+
+
+def _etag_version(etag: str) -> str:
+    return "etag-" + etag.strip('"')
+
+
+def _file_version(size: int, mtime_ns: int) -> str:
+    return f"{size}-{mtime_ns}"
+
+
+def source_version(uri: str, config: StorageConfig) -> str:
+    """The version of the image object at `uri` (its ETag on S3, size and mtime locally);
+    "missing" when there is none, "unreadable" when asking failed (the labeling then records
+    the fetch error)."""
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        try:
+            head = storage.s3_client(config).head_object(Bucket=bucket, Key=key)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return "missing" if status == 404 else "unreadable"
+        except BotoCoreError:
+            return "unreadable"
+        return _etag_version(head["ETag"])
+    fs, path = storage.filesystem(uri, config)
+    try:
+        info = fs.get_file_info(path)
+    except OSError:
+        return "unreadable"
+    return _file_version(info.size, info.mtime_ns) if info.type == pafs.FileType.File else "missing"
+
+
+def listing_folder(prefix: str) -> str:
+    """A listing's prefix as a folder: "s3://b/images" lists s3://b/images/..., not images2/."""
+    folder = prefix.rstrip("/") + "/"
+    return folder if storage.is_s3(folder) else posixpath.abspath(folder) + "/"
+
+
+def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
+    """The image objects under the folder or S3 prefix `prefix` with their source versions,
+    streamed a page at a time (the driver never holds the whole listing)."""
+    folder = listing_folder(prefix)
+    if storage.is_s3(folder):
+        bucket, key = storage.split_s3(folder)
+        paginator = storage.s3_client(config).get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=key):
+            objects = [
+                o for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)
+            ]
+            yield pa.table(
+                {
+                    "image": [f"s3://{bucket}/{o['Key']}" for o in objects],
+                    "source_version": [_etag_version(o["ETag"]) for o in objects],
+                },
+                schema=LISTING_SCHEMA,
+            )
+        return
+    page: list[tuple[str, str]] = []
+    for path, stat in _image_files(folder):
+        page.append((path, _file_version(stat.st_size, stat.st_mtime_ns)))
+        if len(page) == LISTING_PAGE:
+            yield _listing_page(page)
+            page = []
+    if page:
+        yield _listing_page(page)
+
+
+def _listing_page(page: list[tuple[str, str]]) -> pa.Table:
+    images, versions = zip(*page, strict=True)
+    return pa.table({"image": images, "source_version": versions}, schema=LISTING_SCHEMA)
+
+
+def _image_files(folder: str) -> Iterator[tuple[str, os.stat_result]]:
+    """The image files under the local `folder`, at any depth, with their stat, one directory
+    at a time: a recursive pyarrow FileSelector returns the whole listing at once."""
+    pending = [folder.rstrip("/") or "/"]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    yield entry.path, entry.stat()
+
+
+def valid_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data step: the manifest rows that passed the manifest check, with the columns the
+    night's manifest keeps."""
+    ok = batch.filter(pc.equal(batch.column("outcome"), label_rows.OK))
+    return ok.select(_MANIFEST_COLUMNS)
+
+
+def invalid_rows(batch: pa.Table, version: str) -> pa.Table:
+    """Ray Data step: the manifest rows that failed the manifest check (error rows), keyed for
+    the ledger by a digest of what is wrong with them: recorded once, and again only when the
+    row changes (a corrected row is a valid one and is labelled): their row key, which is
+    that digest (`label_rows.row_key`'s twin for invalid rows)."""
+    bad = batch.filter(pc.not_equal(batch.column("outcome"), label_rows.OK))
+    digests = ["manifest-error-" + key for key in bad.column("row_key").to_pylist()]
+    return bad.append_column("source_version", pa.array(digests, pa.string())).append_column(
+        "model_version", pa.array([version] * bad.num_rows, pa.string())
+    )
+
+
+def with_source_versions(
+    batch: pa.Table,
+    config: StorageConfig,
+    version: str,
+    mask_settings: str,
+    listed: str | None = None,
+) -> pa.Table:
+    """Ray Data step: valid manifest rows -> the same with `source_version`, `model_version` and
+    their `row_key` (`label_rows.row_key`, as `wsss label` keys the night manifest's rows).
+    Rows joined to a listing of the folder `listed` keep the listing's version; rows under that
+    folder that the listing lacks are "missing"; any other row is asked for its version."""
+    rows = batch.to_pylist()
+    versions = [row.get("source_version") for row in rows]
+    ask = []
+    for i, row in enumerate(rows):
+        if versions[i] is None and listed is not None and row["image"].startswith(listed):
+            versions[i] = "missing"
+        elif versions[i] is None:
+            ask.append(i)
+    with ThreadPoolExecutor(max_workers=STAT_THREADS) as pool:
+        asked = pool.map(partial(source_version, config=config), [rows[i]["image"] for i in ask])
+        for i, answer in zip(ask, asked, strict=True):
+            versions[i] = answer
+    return pa.table(
+        {
+            "image_id": [r["image_id"] for r in rows],
+            "image": [r["image"] for r in rows],
+            "labels": [r["labels"] for r in rows],
+            "source_version": versions,
+            "model_version": [version] * len(rows),
+            "row_key": [
+                label_rows.row_key(r["labels"], v, mask_settings)
+                for r, v in zip(rows, versions, strict=True)
+            ],
+        }
+    )
+
+
+def transient_rows(batch: pa.Table) -> pa.Table:
+    """Ray Data step: errors/ rows -> the image_ids of the transient ones."""
+    return batch.filter(batch["transient"]).select(["image_id"])
