@@ -209,6 +209,14 @@ class LabelConfig(Section):
         description="Rows gathered before a write task writes its labels/ and errors/ files "
         "(the last files of a run may hold fewer).",
     )
+    join_partition_rows: int = Field(
+        100_000,
+        ge=1000,
+        description="Manifest rows per partition of the joins that plan a run: `label`'s "
+        "anti-join against the rows earlier runs wrote, `relabel`'s joins with the listing and "
+        "the ledger. One task holds a partition, so this bounds the memory of each (about 300 "
+        "MB per 100k rows, bench/scale.py), whatever the manifest's size.",
+    )
 
 
 class EvaluateConfig(Section):

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from pipelines import manifests, storage
@@ -78,7 +79,9 @@ def _read_manifest(cfg: RunConfig) -> Manifest:
 def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
     """The manifest's rows as `label_rows.ROW_SCHEMA` rows (an invalid one an error row), each
     keyed by `label_rows.row_key` with `cfg`'s mask settings, read and validated in Ray Data
-    tasks, and the number of anti-join partitions its size calls for. A VOC layout (local, at
+    tasks, and the number of partitions of the joins that plan the run, one per
+    `label.join_partition_rows` rows (a Parquet footer's count; a JSON Lines file's estimated from
+    its size, rather more than it has). A VOC layout (local, at
     most tens of thousands of rows) is read and validated on the driver."""
     uri = cfg.dataset.manifest
     settings = cfg.mask_settings()
@@ -97,8 +100,14 @@ def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Datas
     if info.type != pafs.FileType.File:
         raise ManifestError(f"{uri}: manifest not found")
     root = storage.parent(uri) if storage.is_s3(uri) else posixpath.dirname(path)
-    partitions = max(1, math.ceil(info.size / label_rows.MANIFEST_BYTES_PER_PARTITION))
-    if manifests.manifest_format(uri) == "parquet":
+    parquet = manifests.manifest_format(uri) == "parquet"
+    if parquet:
+        with fs.open_input_file(path) as f:
+            rows_at_most = pq.ParquetFile(f).metadata.num_rows
+    else:  # counting lines would read the file once more: estimated from its size
+        rows_at_most = info.size // label_rows.MIN_MANIFEST_LINE_BYTES
+    partitions = max(1, math.ceil(rows_at_most / cfg.label.join_partition_rows))
+    if parquet:
         read, step = ray.data.read_parquet(path, filesystem=fs), label_rows.rows_from_records
     else:
         with fs.open_input_stream(path) as f:

@@ -337,6 +337,28 @@ def stage_times(ds: ray.data.Dataset) -> dict[str, dict[str, float]]:
     return stages
 
 
+def planned_rows(
+    cfg: RunConfig, classes: list[str], version: str | None, out_uri: str
+) -> ray.data.Dataset:
+    """The labeling's plan: every manifest row with its outcome before any image is fetched
+    (`label_rows.OK` to label, else an error or skipped), resolved against the rows model
+    `version` already wrote under `out_uri` (none when `version` is None) by the anti-join
+    (`label_rows.resolve_bucket`)."""
+    rows, partitions = manifest_dataset(cfg, classes)
+    done = None if version is None else label_rows.done_markers(out_uri, cfg.storage, version)
+    if done is not None:
+        rows = rows.union(done)
+    return (
+        rows.map_batches(
+            label_rows.with_bucket,
+            fn_kwargs={"buckets": partitions * label_rows.BUCKETS_PER_PARTITION},
+            batch_format="pyarrow",
+        )
+        .groupby(label_rows.BUCKET, num_partitions=partitions)
+        .map_groups(label_rows.resolve_bucket, batch_format="pyarrow")
+    )
+
+
 def labelled_dataset(
     cfg: RunConfig,
     classes: list[str],
@@ -347,10 +369,6 @@ def labelled_dataset(
     """The whole plan, from the manifest to final rows (nothing runs until it is written).
     With `version`, image_ids that version already wrote under `out_uri` are skipped."""
     r = cfg.ray
-    rows, partitions = manifest_dataset(cfg, classes)
-    done = None if version is None else label_rows.done_markers(out_uri, cfg.storage, version)
-    if done is not None:
-        rows = rows.union(done)
     task = {"num_cpus": cfg.label.cpus_per_task, "batch_format": "pyarrow"}
     # Ray Data restarts a dead actor and retries its batch without bound (a bound is settable
     # only through its deprecated ray_remote_args): the journal ends that loop, turning a row
@@ -358,13 +376,7 @@ def labelled_dataset(
     journal = DeathJournal.remote()
     pool = crf_pool(cfg)
     labelled = (
-        rows.map_batches(
-            label_rows.with_bucket,
-            fn_kwargs={"buckets": partitions * label_rows.BUCKETS_PER_PARTITION},
-            batch_format="pyarrow",
-        )
-        .groupby(label_rows.BUCKET, num_partitions=partitions)
-        .map_groups(label_rows.resolve_bucket, batch_format="pyarrow")
+        planned_rows(cfg, classes, version, out_uri)
         # A partition leaves the anti-join as one block: split it so the stages after share it.
         .repartition(target_num_rows_per_block=r.rows_per_block)
         .map_batches(
