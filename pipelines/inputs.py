@@ -79,10 +79,9 @@ def _read_manifest(cfg: RunConfig) -> Manifest:
 def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Dataset, int]:
     """The manifest's rows as `label_rows.ROW_SCHEMA` rows (an invalid one an error row), each
     keyed by `label_rows.row_key` with `cfg`'s mask settings, read and validated in Ray Data
-    tasks, and the number of partitions of the joins that plan the run, one per
-    `label.join_partition_rows` rows (a Parquet footer's count; a JSON Lines file's estimated from
-    its size, rather more than it has). A VOC layout (local, at
-    most tens of thousands of rows) is read and validated on the driver."""
+    tasks, and the number of partitions of the joins that plan the run (`join_partitions`). A
+    VOC layout (local, at most tens of thousands of rows) is read and validated on the
+    driver."""
     uri = cfg.dataset.manifest
     settings = cfg.mask_settings()
     if cfg.dataset.voc_split is not None:
@@ -100,14 +99,8 @@ def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Datas
     if info.type != pafs.FileType.File:
         raise ManifestError(f"{uri}: manifest not found")
     root = storage.parent(uri) if storage.is_s3(uri) else posixpath.dirname(path)
-    parquet = manifests.manifest_format(uri) == "parquet"
-    if parquet:
-        with fs.open_input_file(path) as f:
-            rows_at_most = pq.ParquetFile(f).metadata.num_rows
-    else:  # counting lines would read the file once more: estimated from its size
-        rows_at_most = info.size // label_rows.MIN_MANIFEST_LINE_BYTES
-    partitions = max(1, math.ceil(rows_at_most / cfg.label.join_partition_rows))
-    if parquet:
+    partitions = join_partitions(cfg, fs, path, info.size)
+    if manifests.manifest_format(uri) == "parquet":
         read, step = ray.data.read_parquet(path, filesystem=fs), label_rows.rows_from_records
     else:
         with fs.open_input_stream(path) as f:
@@ -123,6 +116,18 @@ def manifest_dataset(cfg: RunConfig, classes: list[str]) -> tuple[ray.data.Datas
         batch_format="pyarrow",
     )
     return _within_roots(rows, cfg), partitions
+
+
+def join_partitions(cfg: RunConfig, fs: pafs.FileSystem, path: str, size: int) -> int:
+    """Partitions of the joins that plan a run over the manifest at `path` (`size` bytes): one
+    per `label.join_partition_rows` rows, counted in a Parquet footer, estimated from a JSON
+    Lines file's size (counting its lines would read it once more)."""
+    if manifests.manifest_format(path) == "parquet":
+        with fs.open_input_file(path) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+    else:
+        rows = size // label_rows.MIN_MANIFEST_LINE_BYTES
+    return max(1, math.ceil(rows / cfg.label.join_partition_rows))
 
 
 def _within_roots(rows: ray.data.Dataset, cfg: RunConfig) -> ray.data.Dataset:

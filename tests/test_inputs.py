@@ -1,7 +1,10 @@
 import io
+import json
 
 import boto3
 import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
@@ -100,3 +103,23 @@ def test_rows_outside_the_allowed_roots_are_refused(tmp_path):
     )
     with pytest.raises(ManifestError, match="outside dataset.allowed_roots"):
         inputs.load_manifest(cfg)
+
+
+def test_the_planning_joins_have_a_partition_per_join_partition_rows_manifest_rows(tmp_path):
+    cfg = load_config(overrides=["label.join_partition_rows=1000"])
+    fs = pafs.LocalFileSystem()
+    rows = [
+        {"image_id": f"img-{i:05d}", "image": f"{i}.jpg", "labels": ["cat"]} for i in range(2500)
+    ]
+    parquet, jsonl = tmp_path / "manifest.parquet", tmp_path / "manifest.jsonl"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # Counted in the footer, whatever the file's size.
+    assert inputs.join_partitions(cfg, fs, str(parquet), parquet.stat().st_size) == 3
+    # Estimated from the size: never fewer partitions than the rows need, a few more at most.
+    lines = inputs.join_partitions(cfg, fs, str(jsonl), jsonl.stat().st_size)
+    assert 3 <= lines <= 4
+    one = cfg.model_copy(
+        update={"label": cfg.label.model_copy(update={"join_partition_rows": 10**6})}
+    )
+    assert inputs.join_partitions(one, fs, str(parquet), parquet.stat().st_size) == 1
