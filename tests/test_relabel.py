@@ -4,7 +4,9 @@ or rewritten images are labelled and nothing else."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
+import boto3
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -159,6 +161,27 @@ def test_listing_streams_image_objects_with_the_versions_a_request_gives(s3_endp
         relabel_rows.listing_folder(f"s3://{bucket}/data/images") == f"s3://{bucket}/data/images/"
     )
     assert relabel_rows.source_version(f"s3://{bucket}/data/images/nope.png", config) == "missing"
+
+
+def test_an_s3_listing_in_key_ranges_lists_every_object_once(s3_endpoint, s3_bucket):
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    keys = [f"images/{i:04d}.jpg" for i in range(2100)] + ["images/sub/x.png", "images2/y.jpg"]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=s3_bucket, Key=key, Body=key), keys))
+    config = StorageConfig(s3_endpoint_url=s3_endpoint)
+    prefix = f"s3://{s3_bucket}/images"
+    whole = pa.concat_tables(relabel_rows.list_versions(prefix, config)).to_pylist()
+    assert len(whole) == 2101  # 3 pages of S3's 1000; not images2/
+    # Cuts from a sample: existing keys, a key that is not there, one outside the prefix, and
+    # cuts close together (ranges of more than a page, of less, and of nothing).
+    sample = [f"{prefix}/{i:04d}.jpg" for i in (1999, 10, 11, 500, 2099)]
+    sample += [f"{prefix}/0500b.jpg", f"s3://{s3_bucket}/images2/y.jpg"]
+    cuts = relabel_rows.listing_boundaries(sample, 4)
+    assert cuts == [f"{prefix}/0011.jpg", f"{prefix}/0500b.jpg", f"{prefix}/2099.jpg"]
+    for boundaries in (cuts, sample):
+        ranged = relabel_rows.list_versions(prefix, config, boundaries)
+        rows = pa.concat_tables(ranged).to_pylist()
+        assert sorted(rows, key=lambda r: r["image"]) == sorted(whole, key=lambda r: r["image"])
 
 
 def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(tmp_path):

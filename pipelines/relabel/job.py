@@ -64,6 +64,7 @@ LEDGER = "ledger"
 PENDING = "pending"  # ledger files of runs still labeling
 RUNS = "runs"
 LISTINGS = "listings"
+LISTING_SAMPLE = 64  # manifest images sampled per S3 listing range: ranges of about equal size
 
 
 def ledger_files(root: str, config: StorageConfig) -> list[str]:
@@ -234,10 +235,18 @@ def _list_objects(
 ) -> dict:
     """List the image objects under `listed` with their versions into `listing_file`; the run
     record's fields on the objects without a manifest row."""
+    boundaries = []
+    if storage.is_s3(listed):  # its ranges, cut where a sample of the manifest's images falls
+        total = rows.count()
+        named = rows.map_batches(relabel_rows.valid_rows, batch_format="pyarrow")
+        fraction = min(1.0, LISTING_SAMPLE * relabel_rows.LISTING_THREADS / max(total, 1))
+        sample = named.select_columns(["image"]).random_sample(fraction, seed=0).take_all()
+        images = [row["image"] for row in sample]
+        boundaries = relabel_rows.listing_boundaries(images, relabel_rows.LISTING_THREADS)
     _write_parquet(
         listing_file,
         relabel_rows.LISTING_SCHEMA,
-        relabel_rows.list_versions(listed, cfg.storage),
+        relabel_rows.list_versions(listed, cfg.storage, boundaries),
         cfg.storage,
     )
     unnamed = objects_without_rows(cfg, rows, partitions, listing_file).materialize()

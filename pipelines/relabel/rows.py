@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Iterator
+import queue
+import threading
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -27,6 +29,7 @@ from pipelines.storage import StorageConfig
 
 STAT_THREADS = 16
 LISTING_PAGE = 1000  # objects per listing batch: S3's page size
+LISTING_THREADS = 16  # S3 key ranges listed at once (`_list_s3`)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 LEDGER_SCHEMA = pa.schema(
@@ -91,24 +94,16 @@ def listing_folder(prefix: str) -> str:
     return folder if storage.is_s3(folder) else posixpath.abspath(folder) + "/"
 
 
-def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
+def list_versions(
+    prefix: str, config: StorageConfig, boundaries: Sequence[str] = ()
+) -> Iterator[pa.Table]:
     """The image objects under the folder or S3 prefix `prefix` with their source versions,
-    streamed a page at a time (the driver never holds the whole listing)."""
+    streamed a page at a time (the driver never holds the whole listing). On S3, `boundaries`
+    (object URIs under the prefix, e.g. a sample of the manifest's) cut the key space into
+    ranges listed at once (`_list_s3`)."""
     folder = listing_folder(prefix)
     if storage.is_s3(folder):
-        bucket, key = storage.split_s3(folder)
-        paginator = storage.s3_client(config).get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=bucket, Prefix=key):
-            objects = [
-                o for o in page.get("Contents", []) if o["Key"].lower().endswith(IMAGE_SUFFIXES)
-            ]
-            yield pa.table(
-                {
-                    "image": [f"s3://{bucket}/{o['Key']}" for o in objects],
-                    "source_version": [_etag_version(o["ETag"]) for o in objects],
-                },
-                schema=LISTING_SCHEMA,
-            )
+        yield from _list_s3(folder, config, boundaries)
         return
     page: list[tuple[str, str]] = []
     for path, stat in _image_files(folder):
@@ -118,6 +113,74 @@ def list_versions(prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
             page = []
     if page:
         yield _listing_page(page)
+
+
+def _list_s3(folder: str, config: StorageConfig, boundaries: Sequence[str]) -> Iterator[pa.Table]:
+    """The S3 listing of `folder`: one range of keys per gap between the sorted `boundaries`
+    (and before the first, after the last), each listed page after page from its own start
+    (StartAfter) by one of LISTING_THREADS threads. S3 hands out a prefix's pages one after
+    another (each page names the next), so a single listing of millions of objects takes a
+    request's latency per 1,000 objects; ranges overlap those latencies. Pages are yielded as
+    they arrive, through a queue of at most 2 x LISTING_THREADS pages."""
+    bucket, key = storage.split_s3(folder)
+    inside = f"s3://{bucket}/{key}"
+    cuts = sorted({b.removeprefix(f"s3://{bucket}/") for b in boundaries if b.startswith(inside)})
+    ranges = list(zip([None, *cuts], [*cuts, None], strict=True))
+    client = storage.s3_client(config)
+    pages: queue.Queue = queue.Queue(maxsize=2 * LISTING_THREADS)
+    done, stop = object(), threading.Event()
+
+    def put(item: object) -> None:
+        while not stop.is_set():  # the consumer went away: give up rather than block
+            try:
+                pages.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def list_range(after: str | None, upto: str | None) -> None:
+        """Put the pages of the keys in (after, upto] on `pages`, then `done`."""
+        try:
+            start = {} if after is None else {"StartAfter": after}
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=key, **start):
+                contents = page.get("Contents", [])
+                last = upto is not None and contents and contents[-1]["Key"] > upto
+                if last:
+                    contents = [o for o in contents if o["Key"] <= upto]
+                put(_s3_page(bucket, contents))
+                if last or stop.is_set():
+                    break
+            put(done)
+        except BaseException as exc:  # raised again in the consumer
+            put(exc)
+
+    with ThreadPoolExecutor(max_workers=LISTING_THREADS) as pool:
+        for after, upto in ranges:
+            pool.submit(list_range, after, upto)
+        try:
+            finished = 0
+            while finished < len(ranges):
+                item = pages.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item is done:
+                    finished += 1
+                else:
+                    yield item
+        finally:
+            stop.set()
+
+
+def _s3_page(bucket: str, contents: list[dict]) -> pa.Table:
+    objects = [o for o in contents if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+    return pa.table(
+        {
+            "image": [f"s3://{bucket}/{o['Key']}" for o in objects],
+            "source_version": [_etag_version(o["ETag"]) for o in objects],
+        },
+        schema=LISTING_SCHEMA,
+    )
 
 
 def _listing_page(page: list[tuple[str, str]]) -> pa.Table:
@@ -198,3 +261,11 @@ def with_source_versions(
 def transient_rows(batch: pa.Table) -> pa.Table:
     """Ray Data step: errors/ rows -> the image_ids of the transient ones."""
     return batch.filter(batch["transient"]).select(["image_id"])
+
+
+def listing_boundaries(images: Sequence[str], ranges: int) -> list[str]:
+    """`ranges - 1` cuts that split the sorted `images` (a sample of the URIs a listing will
+    meet) into `ranges` parts of about equal size: the S3 listing's ranges (`_list_s3`)."""
+    ordered = sorted(set(images))
+    step = len(ordered) / ranges
+    return sorted({ordered[int(i * step)] for i in range(1, ranges)}) if ordered else []
