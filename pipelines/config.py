@@ -214,8 +214,8 @@ class LabelConfig(Section):
         ge=1000,
         description="Manifest rows per partition of the joins that plan a run: `label`'s "
         "anti-join against the rows earlier runs wrote, `relabel`'s joins with the listing and "
-        "the ledger. One task holds a partition, so this bounds the memory of each (about 300 "
-        "MB per 100k rows, bench/scale.py), whatever the manifest's size.",
+        "the ledger. One task holds a partition, so this bounds the memory of each (200-300 "
+        "MiB at 100k rows, bench/scale.py), whatever the manifest's size.",
     )
 
 
