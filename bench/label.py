@@ -29,13 +29,12 @@ import multiprocessing
 import os
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import ray
 import torch
-from common import machine_info, write_results
+from common import PeakMemory, machine_info, settle, write_results
 
 from pipelines import storage
 from pipelines.config import RunConfig, load_config
@@ -78,39 +77,6 @@ def write_untrained_records(cfg: RunConfig, classes: list[str]) -> dict[str, str
     save_model(classifier, classes, cfg, storage.join(checkpoints, "classifier"))
     save_model(AffinityNet(cfg.affinity.model), classes, cfg, storage.join(checkpoints, "affinity"))
     return {stage: cfg.layout.record(stage) for stage in ("classifier", "affinity")}
-
-
-class PeakMemory:
-    """Samples the summed RSS of this process and all its descendants until stopped."""
-
-    def __init__(self, interval_s: float = 0.2) -> None:
-        self.interval_s = interval_s
-        self.peak_total = self.peak_driver = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        import psutil  # vendored by Ray, importable once ray is imported
-
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for process in [me, *me.children(recursive=True)]:
-                try:
-                    total += process.memory_info().rss
-                except psutil.Error:  # it ended between listing and reading
-                    pass
-            self.peak_total = max(self.peak_total, total)
-            self.peak_driver = max(self.peak_driver, me.memory_info().rss)
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self) -> PeakMemory:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 # --- the ideal: the same stages in one process per core ---------------------------------------
@@ -165,31 +131,13 @@ def ideal(cfg: RunConfig, uris: dict[str, str], classes: list[str], cores: int) 
 # --- the Ray pipeline -------------------------------------------------------------------------
 
 
-def settle(quiet_s: float = 5.0, timeout_s: float = 60.0) -> None:
-    """Wait until the processes of the run before have exited (the number of this process's
-    descendants unchanged for `quiet_s`), so that they do not count in the next run's peak
-    memory. Ray keeps its daemons, idle workers and Ray Data's helper actors between runs."""
-    import psutil  # vendored by Ray
-
-    deadline = time.monotonic() + timeout_s
-    count, since = -1, time.monotonic()
-    while time.monotonic() < deadline:
-        now = len(psutil.Process().children(recursive=True))
-        if now != count:
-            count, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
-        time.sleep(0.5)
-
-
 def with_ray(cfg: RunConfig, uris: dict[str, str], out: Path) -> dict:
     with PeakMemory() as memory:
         started = time.perf_counter()
         summary = label.run(
             cfg,
             out_uri=str(out),
-            classifier_record=uris["classifier"],
-            affinity_record=uris["affinity"],
+            records=uris,
             log=lambda _: None,
         )
         seconds = time.perf_counter() - started
