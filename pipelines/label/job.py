@@ -355,7 +355,7 @@ def labelled_dataset(
     # Ray Data restarts a dead actor and retries its batch without bound (a bound is settable
     # only through its deprecated ray_remote_args): the journal ends that loop, turning a row
     # that keeps killing its worker into an error row.
-    journal = DeathJournal.remote()
+    journal = runtime.on_driver_node(DeathJournal).remote()
     pool = crf_pool(cfg)
     labelled = (
         rows.map_batches(
