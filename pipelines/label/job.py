@@ -400,6 +400,10 @@ def labelled_dataset(
         fn_constructor_kwargs={"cfg": cfg, "journal": journal},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
         batch_size=cfg.label.batch_size,
+        # Ray Data spreads actors over every node (its SPREAD default), GPU nodes included; Ray's
+        # own policy keeps CPU-only actors off GPU nodes while a node without GPUs has room, so
+        # the CRF runs on the cpu group as cluster/kuberay/raycluster.yaml intends.
+        scheduling_strategy="DEFAULT",
         **task,
     )
 
