@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipelines.config import ConfigError, RunConfig
 
@@ -55,6 +56,15 @@ def connect(cfg: RunConfig) -> None:
     # read_parquet call, ~10 s per read on a 2-core node (measured; docs/benchmarks.md) for our
     # one-file manifests and ledgers; the V1 reader lists and reads the same files in tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
+
+
+def on_driver_node(actor_class: Any) -> Any:
+    """`actor_class` (a `ray.remote` class) placed on the driver's node, for the job's own
+    bookkeeping actors. Ray places an actor of `num_cpus=0` on any node, and one on a worker node
+    dies with that node (tests/test_multinode.py saw it fail the labeling); the driver's node
+    lives as long as the job."""
+    node = ray.get_runtime_context().get_node_id()
+    return actor_class.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
 
 
 @dataclass(frozen=True)

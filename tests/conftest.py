@@ -1,13 +1,20 @@
-"""Shared fixtures: a local S3 server (moto on 127.0.0.1) and test-wide torch settings."""
+"""Shared fixtures and helpers: a local S3 server (moto on 127.0.0.1), the session's local Ray,
+tiny configurations and model records, and test-wide torch settings."""
 
 from __future__ import annotations
 
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pipelines.config import RunConfig
 
 # The CI machine has 2 cores; several torch threads per test only thrash.
 torch.set_num_threads(1)
@@ -43,6 +50,22 @@ def s3_bucket(s3_endpoint: str) -> str:
 WORKER_DIES_ON = "kills-its-worker"
 
 
+def ray_test_settings() -> None:
+    """What the tests' Ray processes inherit from this one: call it before a Ray starts."""
+    # Ray Train polls its workers this often; the default 2 s dominates the teardown of tiny runs.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    # A labeling actor that meets this image_id kills its process (pipelines.label.job): the
+    # workers inherit it from here.
+    os.environ["WSSS_TEST_WORKER_DIES_ON"] = WORKER_DIES_ON
+
+
+def _start_session_ray() -> None:
+    from pipelines.runtime import start_local_ray
+
+    ray_test_settings()
+    start_local_ray(4, include_dashboard=False)  # as `wsss` starts a local Ray
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str) -> dict:
     """One local Ray instance for the whole session (two on one machine break each other).
@@ -52,16 +75,26 @@ def ray_cluster(s3_endpoint: str) -> dict:
     Returns the cluster's resources."""
     import ray
 
-    from pipelines.runtime import start_local_ray
-
-    # Ray Train polls its workers this often; the default 2 s dominates the teardown of tiny runs.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    # A labeling actor that meets this image_id kills its process (pipelines.label.job): the
-    # workers inherit it from here.
-    os.environ["WSSS_TEST_WORKER_DIES_ON"] = WORKER_DIES_ON
-    start_local_ray(4, include_dashboard=False)  # as `wsss` starts a local Ray
+    _start_session_ray()
     yield ray.cluster_resources()
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def without_session_ray(s3_endpoint: str) -> None:
+    """For a module that starts a Ray cluster of its own (tests/test_multinode.py): a process is
+    connected to one Ray at a time and two on one machine break each other, so the session's
+    local Ray, when an earlier module started it, is stopped for the module and started again
+    after it. The S3 server is up first, so the module's Ray inherits the credentials."""
+    import ray
+
+    running = ray.is_initialized()
+    ray.shutdown()
+    ray_test_settings()
+    yield
+    ray.shutdown()
+    if running:
+        _start_session_ray()
 
 
 def upload_dataset(
@@ -96,3 +129,67 @@ def tiny_networks(crop: int = 48, longest: int = 64) -> list[str]:
             *(f"{net}.optim.{k}={v}" for k, v in optim.items()),
         ]
     return overrides
+
+
+MAX_PIXELS = 5000  # the synthetic images have at most 64 x 64 = 4096
+
+
+def tiny_label_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
+    """Overrides for a labeling with untrained ResNet-18 networks (`model_records`) and the
+    cheapest refiners, in blocks and files of a few rows."""
+    return [
+        f"dataset.manifest={manifest}",
+        f"dataset.max_pixels={MAX_PIXELS}",
+        f"output={output}",
+        f"storage.s3_endpoint_url={endpoint}",
+        "name=tiny",
+        "classifier.model.backbone.name=resnet18",
+        "classifier.model.backbone.weights=null",
+        "affinity.model.backbone.name=resnet18",
+        "affinity.model.backbone.weights=null",
+        "affinity.model.feature_stride=8",
+        "cam.scales=[1.0]",
+        "random_walk.logt=5",
+        "crf.iterations=3",
+        "ray.rows_per_block=8",
+        "label.batch_size=4",
+        "label.min_rows_per_file=8",
+    ]
+
+
+def model_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
+    """Records of seeded, untrained networks under the run's models/, as training writes them."""
+    from pipelines import storage
+    from pipelines.model_record import save_model
+    from wsss.affinity import AffinityNet
+    from wsss.classifier import Classifier
+
+    torch.manual_seed(0)
+    checkpoints = storage.join(cfg.run_uri, "train")
+    save_model(
+        Classifier(len(classes) - 1, cfg.classifier.model),
+        classes,
+        cfg,
+        storage.join(checkpoints, "classifier", "epoch_0000"),
+    )
+    save_model(
+        AffinityNet(cfg.affinity.model),
+        classes,
+        cfg,
+        storage.join(checkpoints, "affinity", "epoch_0000"),
+    )
+    return {stage: cfg.layout.record(stage) for stage in ("classifier", "affinity")}
+
+
+def shard_rows(cfg: RunConfig, kind: str, out: str | None = None) -> pa.Table:
+    """Every row of the `kind` shards (labels or errors) under `out` (default: the run folder),
+    read back with pyarrow alone, as one table."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import shards, storage
+
+    out = out or cfg.run_uri
+    fs, _ = storage.filesystem(out, cfg.storage)
+    files = shards.shard_files(out, kind, cfg.storage)
+    return pa.concat_tables(pq.read_table(path, filesystem=fs) for path in files)

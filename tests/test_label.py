@@ -23,8 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
-import torch
-from conftest import WORKER_DIES_ON
+from conftest import WORKER_DIES_ON, model_records, shard_rows, tiny_label_overrides
 from PIL import Image
 
 from pipelines import reader, shards, storage
@@ -33,22 +32,16 @@ from pipelines.config import RunConfig, load_config
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
 from pipelines.lease import leased
-from pipelines.model_record import (
-    load_network,
-    save_model,
-)
+from pipelines.model_record import load_network
 from pipelines.runtime import InsufficientResourcesError
 from pipelines.storage import StorageConfig
 from wsss import synthetic
-from wsss.affinity import AffinityNet
-from wsss.classifier import Classifier
 from wsss.imageio import decode_mask, read_image
 from wsss.synthetic import SyntheticParams
 
 pytestmark = pytest.mark.slow
 
 N_IMAGES = 56
-MAX_PIXELS = 5000  # the synthetic images have at most 64 x 64 = 4096
 # image_id -> (stage, error_type) of every input that cannot be labelled.
 BAD = {
     "synth-000001": ("decode", "ImageDecodeError"),  # zero bytes
@@ -88,46 +81,6 @@ def data_dir(tmp_path_factory) -> Path:
     return manifest.parent
 
 
-def model_records(cfg: RunConfig, classes: list[str]) -> dict[str, str]:
-    """Records of seeded, untrained networks under the run's models/, as training writes them."""
-    torch.manual_seed(0)
-    checkpoints = storage.join(cfg.run_uri, "train")
-    save_model(
-        Classifier(len(classes) - 1, cfg.classifier.model),
-        classes,
-        cfg,
-        storage.join(checkpoints, "classifier", "epoch_0000"),
-    )
-    save_model(
-        AffinityNet(cfg.affinity.model),
-        classes,
-        cfg,
-        storage.join(checkpoints, "affinity", "epoch_0000"),
-    )
-    return {stage: cfg.layout.record(stage) for stage in ("classifier", "affinity")}
-
-
-def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
-    return [
-        f"dataset.manifest={manifest}",
-        f"dataset.max_pixels={MAX_PIXELS}",
-        f"output={output}",
-        f"storage.s3_endpoint_url={endpoint}",
-        "name=tiny",
-        "classifier.model.backbone.name=resnet18",
-        "classifier.model.backbone.weights=null",
-        "affinity.model.backbone.name=resnet18",
-        "affinity.model.backbone.weights=null",
-        "affinity.model.feature_stride=8",
-        "cam.scales=[1.0]",
-        "random_walk.logt=5",
-        "crf.iterations=3",
-        "ray.rows_per_block=8",
-        "label.batch_size=4",
-        "label.min_rows_per_file=8",
-    ]
-
-
 @pytest.fixture(scope="module")
 def cfg(ray_cluster, s3_endpoint, data_dir) -> RunConfig:
     """Dataset and run folder in a fresh bucket; the model records in the run's models/."""
@@ -138,7 +91,7 @@ def cfg(ray_cluster, s3_endpoint, data_dir) -> RunConfig:
         if path.is_file():
             s3.upload_file(str(path), bucket, f"data/{path.relative_to(data_dir)}")
     manifest = f"s3://{bucket}/data/manifest.jsonl"
-    cfg = load_config(overrides=tiny_overrides(manifest, f"s3://{bucket}/runs", s3_endpoint))
+    cfg = load_config(overrides=tiny_label_overrides(manifest, f"s3://{bucket}/runs", s3_endpoint))
     model_records(cfg, (data_dir / "classes.txt").read_text().split())
     return cfg
 
@@ -146,14 +99,6 @@ def cfg(ray_cluster, s3_endpoint, data_dir) -> RunConfig:
 @pytest.fixture(scope="module")
 def first_run(cfg) -> dict:
     return label.run(cfg, log=lambda _: None)
-
-
-def rows(cfg: RunConfig, kind: shards.Kind, out: str | None = None) -> pa.Table:
-    """Every row of the `kind` shards, read back with pyarrow alone."""
-    out = out or cfg.run_uri
-    fs, _ = storage.filesystem(out, cfg.storage)
-    files = shards.shard_files(out, kind, cfg.storage)
-    return pa.concat_tables(pq.read_table(path, filesystem=fs) for path in files)
 
 
 def manifest_ids(data_dir: Path) -> set[str]:
@@ -180,7 +125,7 @@ def test_every_input_row_ends_in_labels_or_errors_with_the_shard_schema(cfg, fir
     per_run = f"{cfg.run_uri}/label_runs/{summary['run_id']}.json"
     assert json.loads(storage.read_bytes(per_run, cfg.storage)) == summary
 
-    labels, errors = rows(cfg, "labels"), rows(cfg, "errors")
+    labels, errors = shard_rows(cfg, "labels"), shard_rows(cfg, "errors")
     assert labels.schema.remove_metadata() == shards.labels_schema(cfg.stages)
     assert summary["method_stages"] == ["cam", "random_walk", "crf"]
     assert errors.schema.remove_metadata() == shards.ERRORS_SCHEMA
@@ -202,7 +147,7 @@ def test_every_input_row_ends_in_labels_or_errors_with_the_shard_schema(cfg, fir
 
 
 def test_bad_inputs_become_error_rows_naming_stage_and_type(first_run, cfg):
-    errors = {row["image_id"]: row for row in rows(cfg, "errors").to_pylist()}
+    errors = {row["image_id"]: row for row in shard_rows(cfg, "errors").to_pylist()}
     for image_id, (stage, error_type) in BAD.items():
         assert (errors[image_id]["stage"], errors[image_id]["error_type"]) == (stage, error_type)
     assert "empty data" in errors["synth-000001"]["message"]
@@ -220,7 +165,7 @@ def test_masks_are_those_of_the_in_process_pipeline(first_run, cfg, data_dir):
     networks = {n: load_network(f"{cfg.run_uri}/models/{n}.json", cfg, n) for n in cfg.networks}
     labeler = cfg.labeler(networks)
     classes = (data_dir / "classes.txt").read_text().split()
-    labelled = rows(cfg, "labels").to_pylist()
+    labelled = shard_rows(cfg, "labels").to_pylist()
     assert len({row["mask"] for row in labelled}) > 1  # not one constant mask
     for row in labelled:
         image = read_image(data_dir / "images" / f"{row['image_id']}.png")
@@ -250,7 +195,7 @@ def test_second_run_adds_nothing_and_counts_every_row_skipped(first_run, cfg):
 def test_force_relabels_once_more_keeping_the_stages_and_a_crf_pool_gives_the_same_masks(
     first_run, cfg
 ):
-    old = {row["image_id"]: row["mask"] for row in rows(cfg, "labels").to_pylist()}
+    old = {row["image_id"]: row["mask"] for row in shard_rows(cfg, "labels").to_pylist()}
     # The first run finished each image in the model actors (no GPUs); this one hands the walks
     # to a CRF pool of its own, as on GPUs.
     pooled = cfg.model_copy(update={"label": cfg.label.model_copy(update={"crf_pool": True})})
@@ -259,9 +204,9 @@ def test_force_relabels_once_more_keeping_the_stages_and_a_crf_pool_gives_the_sa
     assert any("Finisher" in name for name in forced["stages"])
     assert (forced["labelled"], forced["errors"], forced["skipped"]) == (LABELLED, ERRORS, 1)
     assert forced["retired_files"] > 0
-    labels = rows(cfg, "labels").to_pylist()
+    labels = shard_rows(cfg, "labels").to_pylist()
     assert sorted(row["image_id"] for row in labels) == sorted(old)  # each once, as before
-    assert rows(cfg, "errors").num_rows == ERRORS
+    assert shard_rows(cfg, "errors").num_rows == ERRORS
     superseded = f"{cfg.run_uri}/{shards.SUPERSEDED_DIR}/{forced['run_id']}"
     assert shards.shard_files(superseded, "labels", cfg.storage)  # moved, not deleted
     for row in labels:
@@ -273,7 +218,7 @@ def test_force_relabels_once_more_keeping_the_stages_and_a_crf_pool_gives_the_sa
 def test_readers_yield_image_and_mask_arrays(first_run, cfg):
     dataset = reader.PseudoLabelDataset(cfg.run_uri, cfg.storage)
     assert len(dataset) == LABELLED
-    stored = {row["image_id"]: row for row in rows(cfg, "labels").to_pylist()}
+    stored = {row["image_id"]: row for row in shard_rows(cfg, "labels").to_pylist()}
     for index in (0, 17, len(dataset) - 1):
         item = dataset[index]
         row = stored[item["image_id"]]
@@ -303,7 +248,7 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
         "label",
         *(
             arg
-            for item in tiny_overrides(cfg.dataset.manifest, cfg.output, s3_endpoint)
+            for item in tiny_label_overrides(cfg.dataset.manifest, cfg.output, s3_endpoint)
             for arg in ("--set", item)
         ),
         "--set",
@@ -326,7 +271,7 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
         process.kill()
         process.wait()
     assert not (out / shards.SUMMARY_FILE).exists(), "the run finished before it was killed"
-    written = rows(cfg, "labels", str(out)).num_rows
+    written = shard_rows(cfg, "labels", str(out)).num_rows
     assert 0 < written < LABELLED
     # A shard a killed writer left half-written is never read (only finished files count).
     (out / "labels" / "0_killed_000000.parquet.tmp").write_bytes(b"PAR1 truncated")
@@ -339,7 +284,7 @@ def test_killed_run_started_again_ends_with_one_row_per_image(
     assert restarted["input"] == INPUT_ROWS
     assert restarted["skipped_by_reason"]["already_done"] >= written
     assert restarted["labelled"] + restarted["skipped_by_reason"]["already_done"] >= LABELLED
-    labels, errors = rows(cfg, "labels", str(out)), rows(cfg, "errors", str(out))
+    labels, errors = shard_rows(cfg, "labels", str(out)), shard_rows(cfg, "errors", str(out))
     ids = labels.column("image_id").to_pylist() + errors.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == INPUT_ROWS - 1  # one duplicate row is skipped for good
     assert set(ids) >= manifest_ids(data_dir)
@@ -369,14 +314,16 @@ def test_transient_fetch_errors_are_retried_by_the_next_run_and_superseded(
             s3.upload_file(str(data_dir / row["image"]), bucket, row["image"])
             uri = f"s3://{bucket}/{row['image']}"
             manifest.write(json.dumps(row | {"image": uri}) + "\n")
-    overrides = tiny_overrides(str(folder / "manifest.jsonl"), str(tmp_path / "runs"), endpoint)
+    overrides = tiny_label_overrides(
+        str(folder / "manifest.jsonl"), str(tmp_path / "runs"), endpoint
+    )
     flaky = load_config(overrides=[*overrides, "storage.s3_max_attempts=1"])
     model_records(flaky, (data_dir / "classes.txt").read_text().split())
 
     server.stop()  # the object store goes down: every fetch fails, for now
     down = label.run(flaky, **quiet)
     assert (down["labelled"], down["errors"], down["transient_errors"]) == (0, 6, 6)
-    failed = rows(flaky, "errors").to_pylist()
+    failed = shard_rows(flaky, "errors").to_pylist()
     assert {(r["stage"], r["transient"]) for r in failed} == {("fetch", True)}
 
     server = ThreadedMotoServer(ip_address=host, port=port, verbose=False)
@@ -389,7 +336,7 @@ def test_transient_fetch_errors_are_retried_by_the_next_run_and_superseded(
     assert (back["labelled"], back["errors"], back["superseded_rows"]) == (6, 0, 6)
     assert not shards.shard_files(flaky.run_uri, "errors", flaky.storage)  # superseded, kept aside
     assert list((tmp_path / "runs" / "tiny" / shards.SUPERSEDED_DIR).rglob("*.parquet"))
-    ids = rows(flaky, "labels").column("image_id").to_pylist()
+    ids = shard_rows(flaky, "labels").column("image_id").to_pylist()
     assert sorted(ids) == sorted(r["image_id"] for r in originals)
     assert (again["labelled"], again["errors"], again["skipped"]) == (0, 0, 6)
 
@@ -411,10 +358,10 @@ def test_a_row_that_kills_its_worker_becomes_an_error_row_and_the_job_finishes(
     out = str(tmp_path / "out")
     summary = label.run(cfg, input_uri=str(manifest), out_uri=out, log=lambda _: None)
     assert (summary["input"], summary["labelled"], summary["errors"]) == (6, 5, 1)
-    (died,) = rows(cfg, "errors", out).to_pylist()
+    (died,) = shard_rows(cfg, "errors", out).to_pylist()
     assert (died["image_id"], died["error_type"]) == (WORKER_DIES_ON, "WorkerDied")
     assert "died 2 times" in died["message"] and not died["transient"]
-    assert sorted(rows(cfg, "labels", out).column("image_id").to_pylist()) == sorted(
+    assert sorted(shard_rows(cfg, "labels", out).column("image_id").to_pylist()) == sorted(
         r["image_id"] for r in rows_in
     )
 
@@ -437,7 +384,7 @@ def test_two_runs_started_together_end_with_one_row_per_image(first_run, cfg, tm
     # One labelled everything while the other waited for its lease, then found nothing to do.
     first, second = sorted(summaries, key=lambda s: s["labelled"], reverse=True)
     assert (first["labelled"], second["labelled"], second["errors"]) == (LABELLED, 0, 0)
-    labels, errors = rows(cfg, "labels", out), rows(cfg, "errors", out)
+    labels, errors = shard_rows(cfg, "labels", out), shard_rows(cfg, "errors", out)
     ids = labels.column("image_id").to_pylist() + errors.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == INPUT_ROWS - 1
     assert not first["lease_lost"] and not second["lease_lost"]
@@ -451,7 +398,7 @@ def test_a_run_beside_a_running_one_exits_3_naming_it(first_run, cfg, tmp_path, 
                 "label",
                 *(
                     a
-                    for item in tiny_overrides(
+                    for item in tiny_label_overrides(
                         cfg.dataset.manifest, cfg.output, cfg.storage.s3_endpoint_url
                     )
                     for a in ("--set", item)

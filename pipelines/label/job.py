@@ -373,7 +373,7 @@ def labelled_dataset(
     # Ray Data restarts a dead actor and retries its batch without bound (a bound is settable
     # only through its deprecated ray_remote_args): the journal ends that loop, turning a row
     # that keeps killing its worker into an error row.
-    journal = DeathJournal.remote()
+    journal = runtime.on_driver_node(DeathJournal).remote()
     pool = crf_pool(cfg)
     labelled = (
         planned_rows(cfg, classes, version, out_uri)
@@ -412,6 +412,10 @@ def labelled_dataset(
         fn_constructor_kwargs={"cfg": cfg, "journal": journal},
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.label.crf_workers),
         batch_size=cfg.label.batch_size,
+        # Ray Data spreads actors over every node (its SPREAD default), GPU nodes included; Ray's
+        # own policy keeps CPU-only actors off GPU nodes while a node without GPUs has room, so
+        # the CRF runs on the cpu group as cluster/kuberay/raycluster.yaml intends.
+        scheduling_strategy="DEFAULT",
         **task,
     )
 

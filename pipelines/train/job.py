@@ -244,8 +244,8 @@ def new_job(
         build_model=build_model,
         step_loss=step_loss,
         n_rows=len(manifest),
-        skipped=SkippedRows.remote(),
-        progress=EpochLines.remote(),
+        skipped=runtime.on_driver_node(SkippedRows).remote(),
+        progress=runtime.on_driver_node(EpochLines).remote(),
     )
 
 
