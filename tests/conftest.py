@@ -115,6 +115,22 @@ def upload_dataset(
     return bucket
 
 
+def synthetic_with_unreadable(folder: Path, n: int, seed: int, unreadable: tuple[str, str]) -> Path:
+    """`n` small synthetic images (3 classes, 48-64 px) and their manifest under `folder`, the
+    image of `unreadable[0]` not an image and that of `unreadable[1]` truncated; the manifest's
+    path."""
+    from wsss import synthetic
+    from wsss.synthetic import SyntheticParams
+
+    params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
+    manifest = synthetic.generate(folder, n, seed, params)
+    images = manifest.parent / "images"
+    (images / f"{unreadable[0]}.png").write_bytes(b"not an image at all")
+    truncated = images / f"{unreadable[1]}.png"
+    truncated.write_bytes(truncated.read_bytes()[:80])
+    return manifest
+
+
 def tiny_networks(crop: int = 48, longest: int = 64) -> list[str]:
     """Overrides for ResNet-18 classifier and AffinityNet trained one epoch on small crops."""
     optim = {"algorithm": "adamw", "lr": 1e-3, "head_lr_mult": 1, "epochs": 1, "batch_size": 4}

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import pytest
 import ray
-from conftest import model_records, shard_rows, tiny_label_overrides, tiny_networks, upload_dataset
+from conftest import (
+    model_records,
+    shard_rows,
+    synthetic_with_unreadable,
+    tiny_label_overrides,
+    tiny_networks,
+    upload_dataset,
+)
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors, list_tasks
 from ray.util.state.common import ActorState
@@ -29,8 +36,6 @@ from pipelines.inputs import manifest_classes
 from pipelines.label import job as label
 from pipelines.model_record import META_FILE
 from pipelines.train import classifier as train_classifier
-from wsss import synthetic
-from wsss.synthetic import SyntheticParams
 
 pytestmark = pytest.mark.slow
 
@@ -112,12 +117,7 @@ def cluster(without_session_ray) -> KubeRayLike:
 def bucket(tmp_path_factory, s3_endpoint) -> str:
     """80 synthetic images (two unreadable) and their manifest; a training manifest of 16 of
     them beside it, `train.jsonl`."""
-    params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
-    manifest = synthetic.generate(tmp_path_factory.mktemp("data"), N_IMAGES, 3, params)
-    images = manifest.parent / "images"
-    (images / f"{UNREADABLE[0]}.png").write_bytes(b"")
-    truncated = images / f"{UNREADABLE[1]}.png"
-    truncated.write_bytes(truncated.read_bytes()[:80])
+    manifest = synthetic_with_unreadable(tmp_path_factory.mktemp("data"), N_IMAGES, 3, UNREADABLE)
     lines = manifest.read_text().splitlines()
     readable = [line for line in lines if not any(bad in line for bad in UNREADABLE)]
     (manifest.parent / "train.jsonl").write_text("\n".join(readable[:TRAIN_IMAGES]) + "\n")

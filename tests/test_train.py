@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import tiny_networks, upload_dataset
+from conftest import synthetic_with_unreadable, tiny_networks, upload_dataset
 from torch import nn
 
 from pipelines import storage
@@ -40,12 +40,10 @@ from pipelines.shards import ragged
 from pipelines.train import affinity as train_affinity
 from pipelines.train import classifier as train_classifier
 from pipelines.train.job import _resume_schedule, decode_rows
-from wsss import synthetic
 from wsss.affinity import AffinityNet, affinity_label_map, predict_affinity
 from wsss.cam import compute_cams
 from wsss.classifier import Classifier
 from wsss.imageio import read_image
-from wsss.synthetic import SyntheticParams
 from wsss.training import OptimParams, make_optimizer, make_scheduler
 from wsss.transforms import normalize
 
@@ -72,12 +70,7 @@ def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     """12 small synthetic images, two of them unreadable (not an image; truncated)."""
-    params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
-    manifest = synthetic.generate(tmp_path_factory.mktemp("data"), N_IMAGES, 1, params)
-    images = manifest.parent / "images"
-    (images / f"{UNREADABLE[0]}.png").write_bytes(b"not an image at all")
-    truncated = images / f"{UNREADABLE[1]}.png"
-    truncated.write_bytes(truncated.read_bytes()[:80])
+    manifest = synthetic_with_unreadable(tmp_path_factory.mktemp("data"), N_IMAGES, 1, UNREADABLE)
     return manifest.parent
 
 
