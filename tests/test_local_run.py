@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import tiny_networks
 
 from pipelines import local_run
 from pipelines.config import load_config
@@ -22,26 +23,16 @@ REFINE_MARGIN = 0.03
 def test_run_local_trains_labels_and_reports_every_stage(tmp_path):
     params = SyntheticParams(n_classes=3, min_side=64, max_side=80, max_objects=2)
     manifest = synthetic.generate(tmp_path / "data", 12, seed=3, params=params)
-    tiny = {"algorithm": "adamw", "lr": 1e-3, "head_lr_mult": 1, "epochs": 1, "batch_size": 6}
     overrides = [
         f"dataset.manifest={manifest}",
         f"output={tmp_path / 'runs'}",
         "name=tiny",
-        "classifier.model.backbone.name=resnet18",
-        "classifier.model.backbone.weights=null",
-        "affinity.model.backbone.name=resnet18",
-        "affinity.model.backbone.weights=null",
-        "affinity.model.feature_stride=8",
-        "classifier.augment.crop_size=64",
-        "affinity.augment.crop_size=64",
-        "classifier.augment.resize_long=[64, 80]",
-        "affinity.augment.resize_long=[64, 80]",
+        *tiny_networks(crop=64, longest=80),
+        "classifier.optim.batch_size=6",
+        "affinity.optim.batch_size=6",
         "cam.scales=[1.0]",
         "random_walk.logt=4",
         "crf.iterations=2",
-    ]
-    overrides += [
-        f"{net}.optim.{k}={v}" for net in ("classifier", "affinity") for k, v in tiny.items()
     ]
     cfg = load_config(overrides=overrides)
     lines = []
