@@ -136,7 +136,7 @@ def write_ledger(
 
 
 def write_shards(
-    out: Path, ids: list[str], labels: list[list[str]], changed: int, settings: str, cfg
+    out: Path, ids: list[str], labels: list[list[str]], changed: int, settings: str, cfg: RunConfig
 ) -> None:
     """labels/ files as `wsss label` writes them, one per ROWS_PER_FILE rows; the first
     `changed` rows keyed with other labels (their manifest rows changed since)."""

@@ -24,6 +24,10 @@ from pipelines.manifests import Manifest, ManifestError
 from wsss.affinity import AffinityNetParams
 from wsss.classifier import ClassifierParams
 
+# The fewest bytes per JSON Lines manifest row `join_partitions` assumes: a line of an id, a short
+# path and one label is longer, so the estimate never gives fewer partitions than the rows need.
+MIN_MANIFEST_LINE_BYTES = 48
+
 
 def manifest_classes(cfg: RunConfig) -> list[str]:
     """The class list of `cfg.dataset`: classes.txt beside the manifest, or VOC's."""
@@ -126,7 +130,7 @@ def join_partitions(cfg: RunConfig, fs: pafs.FileSystem, path: str, size: int) -
         with fs.open_input_file(path) as f:
             rows = pq.ParquetFile(f).metadata.num_rows
     else:
-        rows = size // label_rows.MIN_MANIFEST_LINE_BYTES
+        rows = size // MIN_MANIFEST_LINE_BYTES
     return max(1, math.ceil(rows / cfg.label.join_partition_rows))
 
 

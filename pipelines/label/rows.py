@@ -44,9 +44,6 @@ _RETRY_KEY = "retry"
 FETCH_THREADS = 16  # S3 reads overlap their latency within a fetch task
 ROW_GROUP_ROWS = 128  # small row groups: reader.PseudoLabelDataset reads one per item it needs
 FILES_PER_TASK = 16  # shard files whose image_ids one task of the anti-join reads
-# The fewest bytes per JSON Lines manifest row `inputs.manifest_dataset` assumes (a manifest is
-# split for the joins by its rows): a line of an id, a short path and one label is longer.
-MIN_MANIFEST_LINE_BYTES = 48
 BUCKETS_PER_PARTITION = 8  # anti-join groups (`with_bucket`): spread evenly over the partitions
 BUCKET = "bucket"
 MAX_MESSAGE_CHARS = 2000

@@ -152,12 +152,25 @@ def objects_without_rows(
 ) -> ray.data.Dataset:
     """The listed image objects that no valid manifest row names: images without image-level
     labels, which cannot be labelled."""
-    named = rows.map_batches(relabel_rows.valid_rows, batch_format="pyarrow").select_columns(
-        ["image"]
-    )
     return read_listing(listing, cfg).join(
-        named, "left_anti", num_partitions=partitions, on=("image",)
+        _named_images(rows), "left_anti", num_partitions=partitions, on=("image",)
     )
+
+
+def _named_images(rows: ray.data.Dataset) -> ray.data.Dataset:
+    """The images the valid manifest `rows` name, {"image"}."""
+    valid = rows.map_batches(relabel_rows.valid_rows, batch_format="pyarrow")
+    return valid.select_columns(["image"])
+
+
+def _listing_cuts(rows: ray.data.Dataset) -> list[str]:
+    """Where an S3 listing's key ranges start (`relabel_rows.list_versions`): at a sample of the
+    images the manifest `rows` name, LISTING_SAMPLE per range, so that the ranges hold about as
+    many objects each."""
+    ranges = relabel_rows.LISTING_THREADS
+    fraction = min(1.0, LISTING_SAMPLE * ranges / max(rows.count(), 1))
+    sample = _named_images(rows).random_sample(fraction, seed=0).take_all()
+    return relabel_rows.listing_boundaries([row["image"] for row in sample], ranges)
 
 
 def record_invalid(
@@ -235,14 +248,7 @@ def _list_objects(
 ) -> dict:
     """List the image objects under `listed` with their versions into `listing_file`; the run
     record's fields on the objects without a manifest row."""
-    boundaries = []
-    if storage.is_s3(listed):  # its ranges, cut where a sample of the manifest's images falls
-        total = rows.count()
-        named = rows.map_batches(relabel_rows.valid_rows, batch_format="pyarrow")
-        fraction = min(1.0, LISTING_SAMPLE * relabel_rows.LISTING_THREADS / max(total, 1))
-        sample = named.select_columns(["image"]).random_sample(fraction, seed=0).take_all()
-        images = [row["image"] for row in sample]
-        boundaries = relabel_rows.listing_boundaries(images, relabel_rows.LISTING_THREADS)
+    boundaries = _listing_cuts(rows) if storage.is_s3(listed) else []
     _write_parquet(
         listing_file,
         relabel_rows.LISTING_SCHEMA,

@@ -148,7 +148,9 @@ def _list_s3(folder: str, config: StorageConfig, boundaries: Sequence[str]) -> I
                 last = upto is not None and contents and contents[-1]["Key"] > upto
                 if last:
                     contents = [o for o in contents if o["Key"] <= upto]
-                put(_s3_page(bucket, contents))
+                images = [o for o in contents if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+                listed = [(f"s3://{bucket}/{o['Key']}", _etag_version(o["ETag"])) for o in images]
+                put(_listing_page(listed))
                 if last or stop.is_set():
                     break
             put(done)
@@ -172,20 +174,13 @@ def _list_s3(folder: str, config: StorageConfig, boundaries: Sequence[str]) -> I
             stop.set()
 
 
-def _s3_page(bucket: str, contents: list[dict]) -> pa.Table:
-    objects = [o for o in contents if o["Key"].lower().endswith(IMAGE_SUFFIXES)]
+def _listing_page(page: list[tuple[str, str]]) -> pa.Table:
+    """A listing page of (image URI, source version) pairs (none, for an S3 page without
+    images)."""
     return pa.table(
-        {
-            "image": [f"s3://{bucket}/{o['Key']}" for o in objects],
-            "source_version": [_etag_version(o["ETag"]) for o in objects],
-        },
+        {"image": [image for image, _ in page], "source_version": [v for _, v in page]},
         schema=LISTING_SCHEMA,
     )
-
-
-def _listing_page(page: list[tuple[str, str]]) -> pa.Table:
-    images, versions = zip(*page, strict=True)
-    return pa.table({"image": images, "source_version": versions}, schema=LISTING_SCHEMA)
 
 
 def _image_files(folder: str) -> Iterator[tuple[str, os.stat_result]]:
