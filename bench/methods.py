@@ -40,6 +40,8 @@ METHODS: dict[str, list[str]] = {
     "fcn-mil": ["classifier.model.method=cam", "classifier.model.pooling=gmp"],
     "wildcat": ["classifier.model.method=wildcat", "classifier.model.pooling=top_k"],
     "hfpl": ["classifier.model.method=hfpl", "classifier.model.pooling=gap"],
+    "seam": ["classifier.model.method=seam", "classifier.model.pooling=gap"],
+    "saliency": ["classifier.model.method=saliency", "classifier.model.pooling=gap"],
 }
 
 

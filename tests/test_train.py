@@ -60,9 +60,10 @@ def tiny_overrides(manifest: str, output: str, endpoint: str) -> list[str]:
         "name=tiny",
         "ray.train_workers=2",
         "cam.scales=[1.0]",
-        # HFPL's loss reads the class maps with the logits: the Ray Train job must pass that
-        # call through DDP (the plain CAM trains through Ray in tests/test_label.py and others).
-        "classifier.model.method=hfpl",
+        # SEAM's loss calls the classifier twice (two views) for the maps and feature levels
+        # with the logits, and trains its PCM on them outside that call: the Ray Train job
+        # must pass both through DDP (the plain CAM trains through Ray in tests/test_label.py).
+        "classifier.model.method=seam",
         *tiny_networks(),
     ]
 
@@ -121,6 +122,7 @@ def test_two_worker_checkpoint_gives_the_cams_of_the_in_process_model(
     in_process.eval()
     untrained = train_classifier.initial_classifier(3, cfg)  # what training started from
     assert not torch.equal(distributed.head.weight, untrained.head.weight)
+    assert not torch.equal(distributed.method.pcm.embed.weight, untrained.method.pcm.embed.weight)
     for image, labels in readable_images(data_dir, 3):
         expected = compute_cams(in_process, image, labels, cfg.cam)
         cams = compute_cams(distributed, image, labels, cfg.cam)

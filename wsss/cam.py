@@ -76,7 +76,8 @@ def compute_cams_batch(
 ) -> torch.Tensor:
     """CAMs (B, K, oh, ow) of same-size normalised images (B, 3, H, W).
 
-    `model` needs `seed_maps(x) -> (B, K, h, w)` (a `Classifier`: its CAM method's); it runs
+    `model` needs `seed_maps(x, label_mask) -> (B, K, h, w)` (a `Classifier`: its CAM method's,
+    at any grid); it runs
     in eval mode on its own device (the result stays there). `label_mask` (B, K) bool marks
     each image's classes; the others are zero, labelled ones peak at 1 (unless the class never
     activates, then they stay 0).
@@ -99,9 +100,11 @@ def compute_cams_batch(
         x = images
         if size != (height, width):
             x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=scale < 1)
+        mask = label_mask.to(device)
         if params.flip:  # both orientations in one forward pass
             x = torch.cat([x, x.flip(-1)])
-        maps = model.seed_maps(x)
+            mask = torch.cat([mask, mask])
+        maps = model.seed_maps(x, mask)
         if params.flip:
             maps = maps[:batch] + maps[batch:].flip(-1)
         maps = F.interpolate(maps, output_size, mode="bilinear", align_corners=False)

@@ -60,26 +60,34 @@ class Classifier(nn.Module):
         self.n_classes = n_classes
         self.params = params
         self.backbone = backbone_from_params(params.backbone)
-        self.method = params.method.build()
+        self.method = params.method.build(self.backbone.channels)
         # No bias: a CAM is then exactly the head applied to the features at each position.
         maps = n_classes * self.method.maps_per_class
         self.head = nn.Conv2d(self.backbone.channels[-1], maps, kernel_size=1, bias=False)
         self.pool = params.pooling.build()
 
+    def levels_and_maps(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The backbone's feature levels of images x, and the raw class scores (B, K, h, w) at
+        its output stride, before any relu."""
+        levels = self.backbone(x)
+        return levels, self.method.class_maps(self.head(levels[-1]))
+
     def score_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Raw class scores (B, K, h, w) at the backbone's output stride, before any relu."""
-        return self.method.class_maps(self.head(self.backbone(x)[-1]))
+        return self.levels_and_maps(x)[1]
 
-    def seed_maps(self, x: torch.Tensor) -> torch.Tensor:
-        """The CAM method's non-negative seed maps (B, K, h, w) of one scale of images x."""
-        return self.method.seed_maps(self, x)
+    def seed_maps(self, x: torch.Tensor, label_mask: torch.Tensor) -> torch.Tensor:
+        """The CAM method's non-negative seed maps (B, K, h', w') of one scale of images x whose
+        classes `label_mask` (B, K) bool marks."""
+        return self.method.seed_maps(self, x, label_mask)
 
-    def forward(
-        self, x: torch.Tensor, with_maps: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, K); with `with_maps`, (logits, class score maps), for methods whose loss
-        reads the maps (a call, so that data-parallel training sees it)."""
-        maps = self.score_maps(x)
+    def forward(self, x: torch.Tensor, with_maps: bool = False, with_levels: bool = False):
+        """Logits (B, K); with `with_maps`, (logits, class score maps), and with `with_levels`
+        also the backbone's feature levels after them: for methods whose loss reads the maps
+        (a call, so that data-parallel training sees it)."""
+        levels, maps = self.levels_and_maps(x)
+        if with_levels:
+            return self.pool(maps), maps, levels
         return (self.pool(maps), maps) if with_maps else self.pool(maps)
 
 

@@ -47,6 +47,26 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return F.multilabel_soft_margin_loss(logits, targets)
 
 
+def max_norm(maps: torch.Tensor) -> torch.Tensor:
+    """Maps (B, C, h, w) relu'd and scaled to [0, 1] over each map's range (SEAM's max_norm)."""
+    maps = F.relu(maps)
+    low = maps.amin(dim=(2, 3), keepdim=True)
+    high = maps.amax(dim=(2, 3), keepdim=True)
+    return F.relu(maps - low - 1e-5) / (high - low + 1e-5)
+
+
+def label_maps(score_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, K + 1, h, w): the labelled classes' maps (`max_norm`; unlabelled classes 0), and
+    the background 1 - their maximum in channel 0."""
+    return background_first(max_norm(score_maps) * targets[:, :, None, None])
+
+
+def background_first(maps: torch.Tensor) -> torch.Tensor:
+    """Foreground maps (B, K, h, w) in [0, 1] -> (B, K + 1, h, w), the background 1 - their
+    maximum in channel 0."""
+    return torch.cat([1 - maps.amax(dim=1, keepdim=True), maps], dim=1)
+
+
 class CamMethod(nn.Module):
     """The plain CAM: one head map per class, trained by multi-label classification of the
     pooled maps, seeds = relu of the class score maps."""
@@ -57,8 +77,11 @@ class CamMethod(nn.Module):
         """The head's maps (B, K * maps_per_class, h, w) -> one score map per class (B, K, h, w)."""
         return head_maps
 
-    def seed_maps(self, classifier: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Non-negative seed maps (B, K, h, w) of normalised images x (B, 3, H, W)."""
+    def seed_maps(
+        self, classifier: nn.Module, x: torch.Tensor, label_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Non-negative seed maps (B, K, h, w) of normalised images x (B, 3, H, W), whose
+        classes `label_mask` (B, K) bool marks (the CAM stage zeroes the others afterwards)."""
         return F.relu(classifier.score_maps(x))
 
     def loss(self, classifier: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -72,8 +95,9 @@ class CamMethodParams(Params):
 
     name: str
 
-    def build(self) -> CamMethod:
-        """The method's module, held by the classifier."""
+    def build(self, feature_channels: tuple[int, ...]) -> CamMethod:
+        """The method's module, held by the classifier, whose backbone's feature levels have
+        `feature_channels` (for methods with layers of their own on them)."""
         raise NotImplementedError(f"{type(self).__name__} builds no CAM method")
 
     def example(

@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from wsss.cam_methods.base import CamMethod, CamMethodParams, classification_loss, register
+from wsss.cam_methods.base import (
+    CamMethod,
+    CamMethodParams,
+    classification_loss,
+    label_maps,
+    register,
+)
 from wsss.neighbourhood import offsets, pair_valid, shifted
 from wsss.training import Batch
 from wsss.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -42,17 +48,6 @@ def sampled_logits(score_maps: torch.Tensor, samples: int) -> torch.Tensor:
         # + 1e-5 as in the reference: a map whose probabilities all underflow can still draw.
         positions = torch.multinomial(torch.sigmoid(flat) + 1e-5, samples, replacement=True)
     return flat.gather(1, positions).view(batch, classes, samples)
-
-
-def label_maps(score_maps: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, K + 1, h, w): the labelled classes' relu'd maps scaled to [0, 1] over each map's
-    range (unlabelled classes 0), and the background 1 - their maximum in channel 0."""
-    maps = F.relu(score_maps)
-    low = maps.amin(dim=(2, 3), keepdim=True)
-    high = maps.amax(dim=(2, 3), keepdim=True)
-    maps = F.relu(maps - low - 1e-5) / (high - low + 1e-5) * targets[:, :, None, None]
-    background = 1 - maps.amax(dim=1, keepdim=True)
-    return torch.cat([background, maps], dim=1)
 
 
 def image_colours(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -133,5 +128,5 @@ class HfplParams(CamMethodParams):
             )
         return self
 
-    def build(self) -> CamMethod:
+    def build(self, feature_channels: tuple[int, ...]) -> CamMethod:
         return HfplCam(self)

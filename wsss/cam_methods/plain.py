@@ -13,5 +13,5 @@ class PlainCamParams(CamMethodParams):
 
     name: Literal["cam"] = "cam"
 
-    def build(self) -> CamMethod:
+    def build(self, feature_channels: tuple[int, ...]) -> CamMethod:
         return CamMethod()

@@ -33,5 +33,5 @@ class WildcatParams(CamMethodParams):
     name: Literal["wildcat"] = "wildcat"
     maps_per_class: int = Field(8, ge=1, description="M: head maps per class, averaged")
 
-    def build(self) -> CamMethod:
+    def build(self, feature_channels: tuple[int, ...]) -> CamMethod:
         return MultiMapCam(self.maps_per_class)
