@@ -126,6 +126,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipelines import export
+
+    cfg = _config(args)
+    with _console(cfg, "export") as say:
+        summary = export.run(cfg, args.labels, args.out, args.format, args.model_version, say)
+    return 1 if summary["failed"] else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines import run
 
@@ -208,6 +217,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
         "mIoU per stage and class of the shards against the manifest's ground truth, and the "
         "overlay gallery",
     ),
+    "export": (
+        cmd_export,
+        "write the pseudo-label shards as an image/mask folder layout other segmentation "
+        "trainers read (mmsegmentation's, torchvision's VOC)",
+    ),
     "calibrate": (
         cmd_calibrate,
         "pick the CAM background and the walk's settings on the manifest's masked images with "
@@ -277,6 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", metavar="URI", help="shards to evaluate (default: label.out, else the run)"
     )
     evaluating.add_argument(
+        "--model-version",
+        default="latest",
+        help="model version of the shards (default: the latest labeling run's)",
+    )
+    exporting = parsers["export"]
+    exporting.add_argument(
+        "--labels", metavar="URI", help="shards to export (default: label.out, else the run)"
+    )
+    exporting.add_argument(
+        "--out", metavar="URI", required=True, help="folder or S3 prefix to write the layout to"
+    )
+    exporting.add_argument(
+        "--format",
+        default="png-folder",
+        help="png-folder: images/ and masks/ (mmsegmentation); voc: JPEGImages/, "
+        "SegmentationClass/ and ImageSets/ (torchvision, mmsegmentation); default png-folder",
+    )
+    exporting.add_argument(
         "--model-version",
         default="latest",
         help="model version of the shards (default: the latest labeling run's)",

@@ -209,3 +209,51 @@ def shard_rows(cfg: RunConfig, kind: str, out: str | None = None) -> pa.Table:
     fs, _ = storage.filesystem(out, cfg.storage)
     files = shards.shard_files(out, kind, cfg.storage)
     return pa.concat_tables(pq.read_table(path, filesystem=fs) for path in files)
+
+
+SHARD_VERSION = "v0test"
+
+
+def write_label_shard(
+    out: Path, data_dir: Path, predict, stages=("cam", "random_walk", "crf")
+) -> None:
+    """One labels/ file under `out` of model version SHARD_VERSION of a method with `stages`:
+    for each image of the synthetic dataset in `data_dir`, the final mask and the CAM mask are
+    the ground truth and the walk's mask (when the method has a walk) is `predict(ground
+    truth)`."""
+    import json
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines import shards
+    from wsss.imageio import IGNORE_INDEX, encode_mask, read_mask
+
+    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
+    classes = (data_dir / "classes.txt").read_text().split()
+    records = []
+    for row in rows:
+        truth = read_mask(data_dir / row["mask"])
+        records.append(
+            {
+                "image_id": row["image_id"],
+                "image": str(data_dir / row["image"]),
+                "height": truth.shape[0],
+                "width": truth.shape[1],
+                "labels": row["labels"],
+                "mask": encode_mask(truth),
+                "confidence": 1.0,
+                "ignore_fraction": float((truth == IGNORE_INDEX).mean()),
+                "mask_cam": encode_mask(truth),
+                **({"mask_rw": encode_mask(predict(truth))} if "random_walk" in stages else {}),
+                "model_version": SHARD_VERSION,
+                "config_hash": "test",
+                "created_at": datetime.now(UTC),
+            }
+        )
+    schema = shards.file_schema(shards.LABELS, classes, stages)
+    table = pa.Table.from_pylist(records, schema=schema)
+    path = out / shards.LABELS / shards.shard_name(SHARD_VERSION, "run", 0)
+    path.parent.mkdir(parents=True)
+    pq.write_table(table, path)

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from conftest import SHARD_VERSION as VERSION
+from conftest import write_label_shard
 from PIL import Image
 
-from pipelines import evaluate, gallery, shards
+from pipelines import evaluate, gallery
 from pipelines.config import load_config
 from wsss import synthetic
 from wsss.imageio import IGNORE_INDEX, encode_mask, read_mask
@@ -23,41 +22,6 @@ from wsss.synthetic import SyntheticParams
 
 pytestmark = pytest.mark.slow
 N_IMAGES = 6
-DEFAULT_STAGES = ("cam", "random_walk", "crf")
-VERSION = "v0test"
-
-
-def write_shard(out: Path, data_dir: Path, predict, stages=DEFAULT_STAGES) -> None:
-    """One labels/ file of model version VERSION of a method with `stages`: for each image, the
-    final mask and the CAM mask are the ground truth and the walk's mask (when the method has a
-    walk) is `predict(ground truth)`."""
-    rows = [json.loads(line) for line in (data_dir / "manifest.jsonl").read_text().splitlines()]
-    classes = (data_dir / "classes.txt").read_text().split()
-    records = []
-    for row in rows:
-        truth = read_mask(data_dir / row["mask"])
-        records.append(
-            {
-                "image_id": row["image_id"],
-                "image": str(data_dir / row["image"]),
-                "height": truth.shape[0],
-                "width": truth.shape[1],
-                "labels": row["labels"],
-                "mask": encode_mask(truth),
-                "confidence": 1.0,
-                "ignore_fraction": float((truth == IGNORE_INDEX).mean()),
-                "mask_cam": encode_mask(truth),
-                **({"mask_rw": encode_mask(predict(truth))} if "random_walk" in stages else {}),
-                "model_version": VERSION,
-                "config_hash": "test",
-                "created_at": datetime.now(UTC),
-            }
-        )
-    schema = shards.file_schema(shards.LABELS, classes, stages)
-    table = pa.Table.from_pylist(records, schema=schema)
-    path = out / shards.LABELS / shards.shard_name(VERSION, "run", 0)
-    path.parent.mkdir(parents=True)
-    pq.write_table(table, path)
 
 
 @pytest.fixture()
@@ -85,7 +49,7 @@ def test_ground_truth_as_labels_scores_one_and_the_gallery_shows_it(
     ray_cluster, data_dir, tmp_path
 ):
     out = tmp_path / "out"
-    write_shard(out, data_dir, all_background)
+    write_label_shard(out, data_dir, all_background)
     lines: list[str] = []
     result = evaluate.run(
         config(data_dir, tmp_path), str(out), model_version=VERSION, log=lines.append
@@ -141,7 +105,7 @@ def test_the_stages_evaluated_are_the_configured_methods(ray_cluster, data_dir, 
     """A method without the walk (refiners: [crf]) has shards without mask_rw: its evaluation
     has the rows cam and crf, and the class report's final stage is the CRF's."""
     out = tmp_path / "out"
-    write_shard(out, data_dir, all_background, stages=("cam", "crf"))
+    write_label_shard(out, data_dir, all_background, stages=("cam", "crf"))
     cfg = config(data_dir, tmp_path, "refiners=[crf]", "evaluate.gallery_images=0")
     assert cfg.stages == ("cam", "crf")
     result = evaluate.run(cfg, str(out), model_version=VERSION, log=lambda _: None)
@@ -155,7 +119,7 @@ def test_all_ignore_ground_truth_reports_nothing_evaluated(ray_cluster, data_dir
         shape = read_mask(mask).shape
         mask.write_bytes(encode_mask(np.full(shape, IGNORE_INDEX, np.uint8)))
     out = tmp_path / "out"
-    write_shard(out, data_dir, lambda truth: truth)
+    write_label_shard(out, data_dir, lambda truth: truth)
     lines: list[str] = []
     result = evaluate.run(
         config(data_dir, tmp_path), str(out), model_version=VERSION, log=lines.append
@@ -171,7 +135,7 @@ def test_all_ignore_ground_truth_reports_nothing_evaluated(ray_cluster, data_dir
 def test_unusable_ground_truth_skips_its_row_not_the_evaluation(ray_cluster, data_dir, tmp_path):
     masks = sorted((data_dir / "masks").glob("*.png"))
     out = tmp_path / "out"
-    write_shard(out, data_dir, lambda truth: truth)  # shards of the masks as they were
+    write_label_shard(out, data_dir, lambda truth: truth)  # shards of the masks as they were
     wrong_size = read_mask(masks[0])[:-3]
     masks[0].write_bytes(encode_mask(wrong_size))
     masks[1].write_bytes(b"not a png")
@@ -181,7 +145,7 @@ def test_unusable_ground_truth_skips_its_row_not_the_evaluation(ray_cluster, dat
     assert result["ground_truth_unusable"] == 2
     problems = "\n".join(result["ground_truth_problems"])
     assert f"is {wrong_size.shape}, the masks" in problems and "ImageDecodeError" in problems
-    for stage in DEFAULT_STAGES:  # the other images are evaluated, and perfectly
+    for stage in ("cam", "random_walk", "crf"):  # the other images are evaluated, and perfectly
         assert result["stages"][stage]["images"] == N_IMAGES - 2
         assert result["stages"][stage]["miou"] == 1.0
     assert any("2 image(s) not evaluated" in line for line in lines)

@@ -89,11 +89,17 @@ def check_mask(mask: np.ndarray) -> np.ndarray:
     return mask
 
 
-def encode_mask(mask: np.ndarray) -> bytes:
-    """Encode an (H, W) integer mask with values 0..255 as an 8-bit grayscale (mode L) PNG."""
+def encode_mask(mask: np.ndarray, palette: np.ndarray | None = None) -> bytes:
+    """Encode an (H, W) integer mask with values 0..255 as an 8-bit PNG: grayscale (mode L),
+    or with a (256, 3) uint8 `palette` a palette PNG (mode P, VOC's way) whose indices are the
+    same values."""
     mask = check_mask(mask)
+    image = Image.fromarray(mask.astype(np.uint8))
+    if palette is not None:
+        image = image.convert("P")  # L -> P keeps each pixel's value as its index
+        image.putpalette(np.asarray(palette, dtype=np.uint8).reshape(-1).tolist())
     buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
