@@ -173,6 +173,7 @@ def cmd_relabel(args: argparse.Namespace) -> int:
             out_uri=args.out,
             date=args.date,
             listing=args.listing,
+            inventory=args.inventory,
             log=say,
         )
         say(f"{record['new_or_changed']} new or changed image(s) -> {record['shards']}")
@@ -320,6 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="take the images' versions from a listing of this folder or S3 prefix (one request "
         "per 1000 objects instead of one per image); listed images without a manifest row are "
         "reported",
+    )
+    parsers["relabel"].add_argument(
+        "--inventory",
+        metavar="URI",
+        help="with --listing on S3: read the listing from this S3 Inventory report (its "
+        "manifest.json, or the inventory configuration's folder for its newest report; CSV, "
+        "Parquet or ORC with the ETag field) instead of listing the prefix",
     )
     parsers["run"].add_argument(
         "config_file", nargs="?", metavar="CONFIG", help="YAML run configuration"

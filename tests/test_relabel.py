@@ -14,7 +14,7 @@ import pytest
 from conftest import upload_dataset
 
 from pipelines import shards, storage
-from pipelines.config import load_config
+from pipelines.config import ConfigError, load_config
 from pipelines.label import rows as label_rows
 from pipelines.lease import LeaseHeld, leased
 from pipelines.model_record import save_model
@@ -137,11 +137,34 @@ def test_relabel_labels_only_what_is_new_or_changed(ray_cluster, s3_endpoint, tm
     assert redone["new_or_changed"] == 7 and redone["skipped"] == 0
     assert labelled_ids(night, cfg) == [f"synth-{i:06d}" for i in range(7)]
 
+    # The same night with the listing read from an S3 Inventory report made before synth-000006
+    # was uploaded: the report agrees with the objects it names and the image it lacks is asked
+    # for its version (a report is as of its date), so nothing is new.
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    keys = [f"data/images/synth-00000{i}.png" for i in range(6)]
+    lines = "".join(
+        f'"{bucket}","{key}","{s3.head_object(Bucket=bucket, Key=key)["ETag"].strip(chr(34))}"\n'
+        for key in keys
+    )
+    s3.create_bucket(Bucket=f"{bucket}-inventory")
+    files = {"1.csv": lines.encode()}
+    report = _inventory(s3, f"{bucket}-inventory", bucket, "CSV", files, "Bucket, Key, ETag")
+    # Given the inventory configuration's folder, the newest report is read.
+    _inventory(s3, f"{bucket}-inventory", bucket, "CSV", {}, "Bucket, Key", "2026-11-01T01-00Z")
+    configuration = report.rsplit("/", 2)[0] + "/"
+    reported = relabel.run(
+        other, date="2026-11-21", listing=listing, inventory=configuration, **quiet
+    )
+    assert reported["new_or_changed"] == 0 and reported["skipped"] == 7
+    assert reported["inventory"] == report and reported["objects_without_manifest_row"] == 0
+    with pytest.raises(ConfigError, match="needs --listing"):
+        relabel.run(other, date="2026-11-21", inventory=report, **quiet)
+
     # A second relabel beside a running one (a cron overlap) is refused before it plans.
     with leased(root, cfg.storage, "nightly", "wsss relabel", 600, 0, lambda _: None):
         with pytest.raises(LeaseHeld, match="held by nightly on"):
             relabel.run(cfg, date="2026-11-21", **quiet)
-    assert len(fs.get_file_info(pafs.FileSelector(folder))) == 5  # it recorded no run
+    assert len(fs.get_file_info(pafs.FileSelector(folder))) == 6  # it recorded no run
 
 
 def test_listing_streams_image_objects_with_the_versions_a_request_gives(s3_endpoint, tmp_path):
@@ -211,3 +234,113 @@ def test_rows_a_listing_lacks_are_missing_under_its_folder_and_asked_elsewhere(t
     assert out.column("model_version").to_pylist() == ["m1"] * 3
     # Keyed as `wsss label` keys the night manifest's rows, which carry these versions.
     assert out.column("row_key")[0].as_py() == label_rows.row_key(["cat"], "etag-1", "s")
+
+
+INVENTORY_CSV_SCHEMA = "Bucket, Key, VersionId, IsLatest, IsDeleteMarker, Size, ETag"
+INVENTORY_PARQUET_SCHEMA = (
+    "message s3.inventory { required binary bucket (STRING); required binary key (STRING); "
+    "optional boolean is_latest; optional binary e_tag (STRING);}"
+)
+
+
+def _inventory(
+    s3,
+    bucket: str,
+    source: str,
+    fmt: str,
+    files: dict[str, bytes],
+    schema: str | None = None,
+    date: str = "2026-12-06T01-00Z",
+) -> str:
+    """An S3 Inventory report of the bucket `source` in `bucket`, dated `date`: its data files
+    and its manifest.json, as S3 writes them; returns the manifest's URI."""
+    base = f"inventory/{source}/daily/{date}"
+    for name, body in files.items():
+        s3.put_object(Bucket=bucket, Key=f"{base}/files/{name}", Body=body)
+    manifest = {
+        "sourceBucket": source,
+        "destinationBucket": f"arn:aws:s3:::{bucket}",
+        "version": "2016-11-30",
+        "creationTimestamp": "1796605200000",
+        "fileFormat": fmt,
+        "fileSchema": schema
+        or (INVENTORY_CSV_SCHEMA if fmt == "CSV" else INVENTORY_PARQUET_SCHEMA),
+        "files": [{"key": f"{base}/files/{name}", "size": 1, "MD5checksum": "x"} for name in files],
+    }
+    s3.put_object(Bucket=bucket, Key=f"{base}/manifest.json", Body=json.dumps(manifest))
+    return f"s3://{bucket}/{base}/manifest.json"
+
+
+def test_an_inventory_report_gives_the_listing_of_the_current_image_objects(s3_endpoint, s3_bucket):
+    import gzip
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    source = f"{s3_bucket}-images"
+    s3.create_bucket(Bucket=source)
+    for key in ("data/images/a.png", "data/images/b c+d.jpg", "data/images/notes.txt"):
+        s3.put_object(Bucket=source, Key=key, Body=key.encode())
+    s3.put_object(Bucket=source, Key="other/x.png", Body=b"x")
+    etag = {
+        k: s3.head_object(Bucket=source, Key=k)["ETag"].strip('"')
+        for k in ("data/images/a.png", "data/images/b c+d.jpg", "other/x.png")
+    }
+    config = StorageConfig(s3_endpoint_url=s3_endpoint)
+    prefix = f"s3://{source}/data/images"
+    listed = pa.concat_tables(relabel_rows.list_versions(prefix, config)).to_pylist()
+
+    # CSV, in two gzipped files, keys URL-encoded: an older version of a.png and a deleted
+    # image (a versioned bucket's report has both), a text file and an object outside the
+    # prefix are left out.
+    lines = [
+        ["data/images/a.png", "v2", "true", "false", "17", etag["data/images/a.png"]],
+        ["data/images/a.png", "v1", "false", "false", "9", "0ld"],
+        ["data/images/b+c%2Bd.jpg", "v1", "true", "false", "21", etag["data/images/b c+d.jpg"]],
+    ]
+    more = [
+        ["data/images/gone.png", "v3", "true", "true", "0", ""],
+        ["data/images/notes.txt", "v1", "true", "false", "21", "e1"],
+        ["other/x.png", "v1", "true", "false", "1", etag["other/x.png"]],
+    ]
+
+    def csv_gz(rows):
+        text = "".join(",".join(f'"{v}"' for v in [source, *row]) + "\n" for row in rows)
+        return gzip.compress(text.encode())
+
+    report = _inventory(
+        s3, s3_bucket, source, "CSV", {"1.csv.gz": csv_gz(lines), "2.csv.gz": csv_gz(more)}
+    )
+    rows = pa.concat_tables(relabel_rows.inventory_versions(report, prefix, config)).to_pylist()
+    by_image = lambda rows: sorted(rows, key=lambda r: r["image"])  # noqa: E731
+    assert by_image(rows) == by_image(listed)  # what listing the prefix gives
+    assert len(rows) == 2
+
+    # Parquet, as S3 names the columns there (flags as booleans).
+    table = pa.table(
+        {
+            "bucket": [source] * 2,
+            "key": ["data/images/a.png", "data/images/b c+d.jpg"],
+            "is_latest": [True, True],
+            "e_tag": [etag["data/images/a.png"], etag["data/images/b c+d.jpg"]],
+        }
+    )
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    report = _inventory(
+        s3, s3_bucket, source, "Parquet", {"1.parquet": buffer.getvalue().to_pybytes()}
+    )
+    rows = pa.concat_tables(relabel_rows.inventory_versions(report, prefix, config)).to_pylist()
+    assert by_image(rows) == by_image(listed)
+
+    # A report of another bucket, or one without ETags, cannot give the listing.
+    with pytest.raises(ConfigError, match="lists the bucket"):
+        next(relabel_rows.inventory_versions(report, f"s3://{s3_bucket}/data", config))
+    bare = _inventory(
+        s3, s3_bucket, source, "CSV", {"1.csv": b""}, "Bucket, Key, Size", "2026-12-07T01-00Z"
+    )
+    with pytest.raises(ConfigError, match="no ETag field"):
+        next(relabel_rows.inventory_versions(bare, prefix, config))
+    # The folder of an inventory configuration: its newest dated report.
+    folder = f"s3://{s3_bucket}/inventory/{source}/daily"
+    assert relabel_rows.inventory_manifest(folder, config) == bare  # the day after the others
+    with pytest.raises(ConfigError, match="no report"):
+        relabel_rows.inventory_manifest(f"s3://{s3_bucket}/inventory/elsewhere", config)

@@ -17,7 +17,11 @@ Source versions come from one HEAD request per manifest image, or, with `--listi
 from a listing of the folder or S3 prefix the images live in: one request per 1000 objects
 instead of one per image, which is what a nightly job over millions of images wants. The listing
 also tells which image objects have arrived without a manifest row: they have no image-level
-labels, so they are counted and named in the run record, not labelled. Manifest rows that fail
+labels, so they are counted and named in the run record, not labelled. With `--inventory
+MANIFEST_JSON` beside an S3 `--listing`, the listing is read from that S3 Inventory report instead
+(a few large reads however many objects; `relabel_rows.inventory_versions`); a report is as of its
+date, so an image it lacks is asked for its version rather than called missing, and an image
+replaced after the report is relabelled once a report shows it. Manifest rows that fail
 the manifest check become error rows of the night's shard set, keyed in the ledger by a digest of
 their problem, so each is recorded once (and again only when it changes): the run record counts
 input = labelled + errors + skipped, as `wsss label` does.
@@ -52,7 +56,7 @@ import pyarrow.parquet as pq
 import ray
 
 from pipelines import lease, manifests, shards, storage
-from pipelines.config import RunConfig
+from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import manifest_dataset
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
@@ -211,12 +215,18 @@ def run(
     out_uri: str | None = None,
     date: str | None = None,
     listing: str | None = None,
+    inventory: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Label the new or changed images of the manifest (`input_uri`, default dataset.manifest)
     into the dated shard set `<out>/relabel/<date>/` (date: today, UTC), taking the images'
-    versions from a listing of the folder or S3 prefix `listing` when given. Returns the run
+    versions from a listing of the folder or S3 prefix `listing` when given, read from the S3
+    Inventory report whose manifest.json is `inventory` when that is given too. Returns the run
     record, also written to `<out>/relabel/runs/<run_id>.json`."""
+    if inventory is not None and (listing is None or not storage.is_s3(listing)):
+        raise ConfigError(
+            f"--inventory {inventory} needs --listing with the S3 prefix whose images it lists"
+        )
     cfg = cfg.for_labeling(input_uri, out_uri)
     root = cfg.layout.relabel
     started = datetime.now(UTC)
@@ -235,7 +245,7 @@ def run(
         log,
     ):
         date = date or f"{started:%Y-%m-%d}"
-        return _relabel(cfg, root, date, started, run_id, networks, listing, log)
+        return _relabel(cfg, root, date, started, run_id, networks, listing, inventory, log)
 
 
 def _list_objects(
@@ -244,17 +254,20 @@ def _list_objects(
     partitions: int,
     listed: str,
     listing_file: str,
+    inventory: str | None,
     log: Callable[[str], None],
 ) -> dict:
-    """List the image objects under `listed` with their versions into `listing_file`; the run
-    record's fields on the objects without a manifest row."""
-    boundaries = _listing_cuts(rows) if storage.is_s3(listed) else []
-    _write_parquet(
-        listing_file,
-        relabel_rows.LISTING_SCHEMA,
-        relabel_rows.list_versions(listed, cfg.storage, boundaries),
-        cfg.storage,
-    )
+    """List the image objects under `listed` with their versions into `listing_file` (from the
+    S3 Inventory report `inventory` when given); the run record's fields on the objects
+    without a manifest row."""
+    if inventory is not None:
+        inventory = relabel_rows.inventory_manifest(inventory, cfg.storage)
+        log(f"reading the listing of {listed} from the S3 Inventory report {inventory}")
+        objects = relabel_rows.inventory_versions(inventory, listed, cfg.storage)
+    else:
+        boundaries = _listing_cuts(rows) if storage.is_s3(listed) else []
+        objects = relabel_rows.list_versions(listed, cfg.storage, boundaries)
+    _write_parquet(listing_file, relabel_rows.LISTING_SCHEMA, objects, cfg.storage)
     unnamed = objects_without_rows(cfg, rows, partitions, listing_file).materialize()
     examples = [row["image"] for row in unnamed.take(5)]
     if examples:
@@ -264,6 +277,7 @@ def _list_objects(
         )
     return {
         "listing": listed,
+        **({"inventory": inventory} if inventory is not None else {}),
         "objects_without_manifest_row": unnamed.count(),
         "objects_without_manifest_row_examples": examples,
     }
@@ -325,18 +339,23 @@ def plan(
     classes: list[str],
     listing: str | None,
     log: Callable[[str], None],
+    inventory: str | None = None,
 ) -> NightPlan:
     """Compare the manifest (with the versions of a listing of the folder or S3 prefix
-    `listing`, when given) with the ledger under `root` for model `version`."""
+    `listing`, when given, read from the S3 Inventory report `inventory` if that is given too)
+    with the ledger under `root` for model `version`."""
     rows, partitions = manifest_rows(cfg, classes)
     listing_file = listed = None
     fields: dict = {}
     if listing is not None:
         listed = relabel_rows.listing_folder(listing)
         listing_file = storage.join(root, LISTINGS, f"{run_id}.parquet")
-        fields = _list_objects(cfg, rows, partitions, listed, listing_file, log)
+        fields = _list_objects(cfg, rows, partitions, listed, listing_file, inventory, log)
+    # A listing says an object it lacks is missing; a report is as of its date (daily or
+    # weekly): an image it lacks may have come since, and is asked for its version instead.
+    covered = listed if inventory is None else None
     # Computed once, kept in the object store (spilled to disk if large), streamed twice.
-    delta = pending_rows(cfg, rows, partitions, root, version, listing_file, listed).materialize()
+    delta = pending_rows(cfg, rows, partitions, root, version, listing_file, covered).materialize()
     invalid = new_invalid_rows(cfg, rows, partitions, root, version).materialize()
     return NightPlan(
         rows.count(), delta, delta.count(), invalid, invalid.count(), partitions, fields
@@ -351,6 +370,7 @@ def _relabel(
     run_id: str,
     networks: label.Models,
     listing: str | None,
+    inventory: str | None,
     log: Callable[[str], None],
 ) -> dict:
     """The relabel itself (see `run`), under the lease of its root."""
@@ -365,7 +385,7 @@ def _relabel(
         "model_version": version,
         "started_at": started.isoformat(timespec="seconds"),
     }
-    night_plan = plan(cfg, root, run_id, version, networks.classes, listing, log)
+    night_plan = plan(cfg, root, run_id, version, networks.classes, listing, log, inventory)
     delta, invalid = night_plan.delta, night_plan.invalid
     new, n_invalid, total = night_plan.new, night_plan.n_invalid, night_plan.total
     # input = labelled + errors + skipped, as `wsss label` counts: rows the ledger already
