@@ -19,7 +19,10 @@ It then times, in a local Ray of this machine's cores:
   which is how a nightly job over millions of images takes its source versions;
 - listing: that listing alone (`pipelines.relabel.rows.list_versions`), pages streamed, in key
   ranges listed at once on S3 as `relabel` lists (`--ranges 1`: one listing, page after page;
-  `--pages`: only the first pages, for the time per page at a bucket's size).
+  `--pages`: only the first pages, for the time per page at a bucket's size);
+- inventory (`--store s3` only): the same listing read from an S3 Inventory report of the
+  objects (`pipelines.relabel.rows.inventory_versions`; one gzipped CSV), as `relabel --listing
+  --inventory` reads it; relabel-inventory: `relabel.plan` with that report as its listing.
 With `--store s3` the manifest, shard set and ledger live on a local S3 server (moto, in a
 process of its own that does not count in the memory), and the listing is of N placeholder
 objects there, 1,000 per request as S3 pages.
@@ -35,6 +38,8 @@ task or an actor), sampled every 0.2 s (`common.PeakMemory`).
 from __future__ import annotations
 
 import argparse
+import gzip
+import json
 import logging
 import multiprocessing
 import os
@@ -62,6 +67,7 @@ VERSION = "scalebench0000v1"  # the model version of the shard set and ledger
 ROWS_PER_FILE = 1000
 LEDGER_FILES = 10
 BUCKET = "wsss-scale"
+INVENTORY = f"s3://{BUCKET}/inventory/manifest.json"  # the report `_serve` writes
 MASK = b"\x89PNG placeholder"  # never decoded: planning reads ids and keys only
 
 
@@ -184,9 +190,9 @@ def label_plan(cfg: RunConfig, out: str) -> dict:
     return counts
 
 
-def relabel_plan(cfg: RunConfig, out: str, listing: str) -> dict:
+def relabel_plan(cfg: RunConfig, out: str, listing: str, inventory: str | None = None) -> dict:
     night = relabel.plan(
-        cfg, f"{out}/relabel", "scalebench", VERSION, CLASSES, listing, lambda _: None
+        cfg, f"{out}/relabel", "scalebench", VERSION, CLASSES, listing, lambda _: None, inventory
     )
     return {"input": night.total, "new_or_changed": night.new, "invalid": night.n_invalid}
 
@@ -205,6 +211,15 @@ def list_objects(cfg: RunConfig, prefix: str, n: int, ranges: int, pages: int | 
     return {"pages": listed, "objects": objects, "ranges": ranges}
 
 
+def read_inventory(cfg: RunConfig, listing: str) -> dict:
+    """`relabel --listing --inventory` alone: the listing of the prefix read from the S3
+    Inventory report the local S3 server holds (`_serve`), pages streamed."""
+    pages = objects = 0
+    for page in relabel_rows.inventory_versions(INVENTORY, listing, cfg.storage):
+        pages, objects = pages + 1, objects + page.num_rows
+    return {"pages": pages, "objects": objects}
+
+
 def timed(step, exclude: tuple[int, ...]) -> dict:
     settle(quiet_s=3.0)
     with PeakMemory(exclude=exclude) as memory:
@@ -220,7 +235,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", choices=("local", "s3"), default="local")
     parser.add_argument(
-        "--jobs", nargs="+", choices=("label", "relabel", "listing"), default=["label", "relabel"]
+        "--jobs",
+        nargs="+",
+        choices=("label", "relabel", "listing", "inventory", "relabel-inventory"),
+        default=["label", "relabel"],
     )
     parser.add_argument(
         "--ranges",
@@ -235,6 +253,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if {"inventory", "relabel-inventory"} & set(args.jobs) and args.store != "s3":
+        parser.error("the inventory job reads an S3 Inventory report: --store s3")
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # the per-operator progress lines
 
     results: dict = {
@@ -258,6 +278,8 @@ def main() -> None:
             "label": partial(label_plan, cfg, out),
             "relabel": partial(relabel_plan, cfg, out, listing),
             "listing": partial(list_objects, cfg, listing, n, args.ranges, args.pages),
+            "inventory": partial(read_inventory, cfg, listing),
+            "relabel-inventory": partial(relabel_plan, cfg, out, listing, INVENTORY),
         }
         for job in args.jobs:
             rounds = [timed(steps[job], exclude) for _ in range(args.rounds)]
@@ -323,6 +345,19 @@ def _serve(root: str, n: int, ready) -> None:
         backend.put_object(BUCKET, key, path.read_bytes())
     for i in range(n):
         backend.put_object(BUCKET, f"images/{image_id(i)}.jpg", b"")
+    # The S3 Inventory report of those objects, one gzipped CSV as S3 writes it for a bucket
+    # (S3 splits larger ones into several files), with the fields relabel reads.
+    empty_etag = "d41d8cd98f00b204e9800998ecf8427e"  # the MD5 of no bytes
+    lines = "".join(f'"{BUCKET}","images/{image_id(i)}.jpg","{empty_etag}"\n' for i in range(n))
+    backend.put_object(BUCKET, "inventory/files/1.csv.gz", gzip.compress(lines.encode()))
+    report = {
+        "sourceBucket": BUCKET,
+        "destinationBucket": f"arn:aws:s3:::{BUCKET}",
+        "fileFormat": "CSV",
+        "fileSchema": "Bucket, Key, ETag",
+        "files": [{"key": "inventory/files/1.csv.gz", "size": 0, "MD5checksum": ""}],
+    }
+    backend.put_object(BUCKET, "inventory/manifest.json", json.dumps(report).encode())
     ready.put(f"http://127.0.0.1:{server._server.server_port}")
     while True:
         time.sleep(3600)
