@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import boto3
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.orc as paorc
 import pyarrow.parquet as pq
 import pytest
 from conftest import upload_dataset
@@ -323,13 +324,13 @@ def test_an_inventory_report_gives_the_listing_of_the_current_image_objects(s3_e
             "e_tag": [etag["data/images/a.png"], etag["data/images/b c+d.jpg"]],
         }
     )
-    buffer = pa.BufferOutputStream()
-    pq.write_table(table, buffer)
-    report = _inventory(
-        s3, s3_bucket, source, "Parquet", {"1.parquet": buffer.getvalue().to_pybytes()}
-    )
-    rows = pa.concat_tables(relabel_rows.inventory_versions(report, prefix, config)).to_pylist()
-    assert by_image(rows) == by_image(listed)
+    for fmt, write in (("Parquet", pq.write_table), ("ORC", paorc.write_table)):
+        buffer = pa.BufferOutputStream()
+        write(table, buffer)
+        files = {f"1.{fmt.lower()}": buffer.getvalue().to_pybytes()}
+        report = _inventory(s3, s3_bucket, source, fmt, files)
+        rows = pa.concat_tables(relabel_rows.inventory_versions(report, prefix, config))
+        assert by_image(rows.to_pylist()) == by_image(listed)
 
     # A report of another bucket, or one without ETags, cannot give the listing.
     with pytest.raises(ConfigError, match="lists the bucket"):

@@ -244,28 +244,31 @@ def _inventory_batches(uri: str, report: dict, config: StorageConfig) -> Iterato
         names = [
             INVENTORY_FIELDS.get(n.strip(), n.strip()) for n in report["fileSchema"].split(",")
         ]
-        reader = pacsv.open_csv(
-            fs.open_input_stream(path, compression="detect"),
-            read_options=pacsv.ReadOptions(column_names=names),
-            convert_options=pacsv.ConvertOptions(
-                include_columns=[n for n in wanted if n in names],
-                column_types=dict.fromkeys(names, pa.string()),
-            ),
-        )
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
-            keys = [unquote_plus(k) for k in table["key"].to_pylist()]
-            yield table.set_column(table.schema.get_field_index("key"), "key", pa.array(keys))
-    elif report["fileFormat"] == "PARQUET":
-        parquet = pq.ParquetFile(fs.open_input_file(path))
-        columns = [n for n in wanted if n in parquet.schema_arrow.names]
-        for batch in parquet.iter_batches(columns=columns, batch_size=LISTING_PAGE * 10):
-            yield pa.Table.from_batches([batch])
-    else:
-        orc = paorc.ORCFile(fs.open_input_file(path))
-        columns = [n for n in wanted if n in orc.schema.names]
-        for stripe in range(orc.nstripes):
-            yield pa.Table.from_batches([orc.read_stripe(stripe, columns=columns)])
+        with fs.open_input_stream(path, compression="detect") as source:
+            reader = pacsv.open_csv(
+                source,
+                read_options=pacsv.ReadOptions(column_names=names),
+                convert_options=pacsv.ConvertOptions(
+                    include_columns=[n for n in wanted if n in names],
+                    column_types=dict.fromkeys(names, pa.string()),
+                ),
+            )
+            for batch in reader:
+                table = pa.Table.from_batches([batch])
+                keys = pa.array([unquote_plus(k) for k in table["key"].to_pylist()], pa.string())
+                yield table.set_column(table.schema.get_field_index("key"), "key", keys)
+        return
+    with fs.open_input_file(path) as source:
+        if report["fileFormat"] == "PARQUET":
+            parquet = pq.ParquetFile(source)
+            columns = [n for n in wanted if n in parquet.schema_arrow.names]
+            for batch in parquet.iter_batches(columns=columns, batch_size=LISTING_PAGE * 10):
+                yield pa.Table.from_batches([batch])
+        else:
+            orc = paorc.ORCFile(source)
+            columns = [n for n in wanted if n in orc.schema.names]
+            for stripe in range(orc.nstripes):
+                yield pa.Table.from_batches([orc.read_stripe(stripe, columns=columns)])
 
 
 def inventory_versions(manifest_uri: str, prefix: str, config: StorageConfig) -> Iterator[pa.Table]:
