@@ -21,7 +21,7 @@ It then times, in a local Ray of this machine's cores:
   ranges listed at once on S3 as `relabel` lists (`--ranges 1`: one listing, page after page;
   `--pages`: only the first pages, for the time per page at a bucket's size);
 - inventory (`--store s3` only): the same listing read from an S3 Inventory report of the
-  objects (`pipelines.relabel.rows.inventory_versions`; one gzipped CSV), as `relabel --listing
+  objects (`pipelines.relabel.inventory.inventory_versions`; one gzipped CSV), as `relabel --listing
   --inventory` reads it; relabel-inventory: `relabel.plan` with that report as its listing.
 With `--store s3` the manifest, shard set and ledger live on a local S3 server (moto, in a
 process of its own that does not count in the memory), and the listing is of N placeholder
@@ -59,6 +59,7 @@ from pipelines.config import RunConfig, load_config
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
 from pipelines.manifests import VOC_CLASSES
+from pipelines.relabel import inventory
 from pipelines.relabel import job as relabel
 from pipelines.relabel import rows as relabel_rows
 
@@ -215,7 +216,7 @@ def read_inventory(cfg: RunConfig, listing: str) -> dict:
     """`relabel --listing --inventory` alone: the listing of the prefix read from the S3
     Inventory report the local S3 server holds (`_serve`), pages streamed."""
     pages = objects = 0
-    for page in relabel_rows.inventory_versions(INVENTORY, listing, cfg.storage):
+    for page in inventory.inventory_versions(INVENTORY, listing, cfg.storage):
         pages, objects = pages + 1, objects + page.num_rows
     return {"pages": pages, "objects": objects}
 

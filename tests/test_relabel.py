@@ -19,6 +19,7 @@ from pipelines.config import ConfigError, load_config
 from pipelines.label import rows as label_rows
 from pipelines.lease import LeaseHeld, leased
 from pipelines.model_record import save_model
+from pipelines.relabel import inventory
 from pipelines.relabel import job as relabel
 from pipelines.relabel import rows as relabel_rows
 from pipelines.storage import StorageConfig
@@ -310,7 +311,7 @@ def test_an_inventory_report_gives_the_listing_of_the_current_image_objects(s3_e
     report = _inventory(
         s3, s3_bucket, source, "CSV", {"1.csv.gz": csv_gz(lines), "2.csv.gz": csv_gz(more)}
     )
-    rows = pa.concat_tables(relabel_rows.inventory_versions(report, prefix, config)).to_pylist()
+    rows = pa.concat_tables(inventory.inventory_versions(report, prefix, config)).to_pylist()
     by_image = lambda rows: sorted(rows, key=lambda r: r["image"])  # noqa: E731
     assert by_image(rows) == by_image(listed)  # what listing the prefix gives
     assert len(rows) == 2
@@ -329,19 +330,19 @@ def test_an_inventory_report_gives_the_listing_of_the_current_image_objects(s3_e
         write(table, buffer)
         files = {f"1.{fmt.lower()}": buffer.getvalue().to_pybytes()}
         report = _inventory(s3, s3_bucket, source, fmt, files)
-        rows = pa.concat_tables(relabel_rows.inventory_versions(report, prefix, config))
+        rows = pa.concat_tables(inventory.inventory_versions(report, prefix, config))
         assert by_image(rows.to_pylist()) == by_image(listed)
 
     # A report of another bucket, or one without ETags, cannot give the listing.
     with pytest.raises(ConfigError, match="lists the bucket"):
-        next(relabel_rows.inventory_versions(report, f"s3://{s3_bucket}/data", config))
+        next(inventory.inventory_versions(report, f"s3://{s3_bucket}/data", config))
     bare = _inventory(
         s3, s3_bucket, source, "CSV", {"1.csv": b""}, "Bucket, Key, Size", "2026-12-07T01-00Z"
     )
     with pytest.raises(ConfigError, match="no ETag field"):
-        next(relabel_rows.inventory_versions(bare, prefix, config))
+        next(inventory.inventory_versions(bare, prefix, config))
     # The folder of an inventory configuration: its newest dated report.
     folder = f"s3://{s3_bucket}/inventory/{source}/daily"
-    assert relabel_rows.inventory_manifest(folder, config) == bare  # the day after the others
+    assert inventory.inventory_manifest(folder, config) == bare  # the day after the others
     with pytest.raises(ConfigError, match="no report"):
-        relabel_rows.inventory_manifest(f"s3://{s3_bucket}/inventory/elsewhere", config)
+        inventory.inventory_manifest(f"s3://{s3_bucket}/inventory/elsewhere", config)

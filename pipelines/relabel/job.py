@@ -19,7 +19,7 @@ instead of one per image, which is what a nightly job over millions of images wa
 also tells which image objects have arrived without a manifest row: they have no image-level
 labels, so they are counted and named in the run record, not labelled. With `--inventory
 MANIFEST_JSON` beside an S3 `--listing`, the listing is read from that S3 Inventory report instead
-(a few large reads however many objects; `relabel_rows.inventory_versions`); a report is as of its
+(a few large reads however many objects; `pipelines.relabel.inventory`); a report is as of its
 date, so an image it lacks is asked for its version rather than called missing, and an image
 replaced after the report is relabelled once a report shows it. Manifest rows that fail
 the manifest check become error rows of the night's shard set, keyed in the ledger by a digest of
@@ -60,6 +60,7 @@ from pipelines.config import ConfigError, RunConfig
 from pipelines.inputs import manifest_dataset
 from pipelines.label import job as label
 from pipelines.label import rows as label_rows
+from pipelines.relabel import inventory as relabel_inventory
 from pipelines.relabel import rows as relabel_rows
 from pipelines.runtime import connect
 from pipelines.storage import StorageConfig
@@ -261,9 +262,9 @@ def _list_objects(
     S3 Inventory report `inventory` when given); the run record's fields on the objects
     without a manifest row."""
     if inventory is not None:
-        inventory = relabel_rows.inventory_manifest(inventory, cfg.storage)
+        inventory = relabel_inventory.inventory_manifest(inventory, cfg.storage)
         log(f"reading the listing of {listed} from the S3 Inventory report {inventory}")
-        objects = relabel_rows.inventory_versions(inventory, listed, cfg.storage)
+        objects = relabel_inventory.inventory_versions(inventory, listed, cfg.storage)
     else:
         boundaries = _listing_cuts(rows) if storage.is_s3(listed) else []
         objects = relabel_rows.list_versions(listed, cfg.storage, boundaries)
