@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import shards, storage
@@ -112,18 +111,6 @@ def export_batch(
     }
 
 
-def shard_classes(labels_uri: str, config: StorageConfig, model_version: str | None) -> list[str]:
-    """The class names, in index order, that the shards' files record."""
-    files = shards.shard_files(labels_uri, shards.LABELS, config, model_version)
-    if not files:
-        raise FileNotFoundError(
-            f"no labels shards of model version {model_version or 'any'} under {labels_uri}"
-        )
-    fs, _ = storage.filesystem(labels_uri, config)
-    metadata = pq.read_schema(files[0], filesystem=fs).metadata or {}
-    return json.loads(metadata[shards.META_CLASSES])
-
-
 def export(
     labels_uri: str,
     out_uri: str,
@@ -136,7 +123,7 @@ def export(
     (also written as `export.json`)."""
     fmt = FORMATS[format_name]
     model_version = shards.resolve_model_version(labels_uri, config, model_version)
-    classes = shard_classes(labels_uri, config, model_version)
+    classes = shards.shard_classes(labels_uri, config, model_version)
     rows = shards.read_shard_rows(
         labels_uri, config, shards.LABELS, model_version, ["image_id", "image", "mask"]
     )

@@ -110,6 +110,18 @@ def file_schema(kind: Kind, classes: list[str], stages: Sequence[str]) -> pa.Sch
     return schema.with_metadata(metadata)
 
 
+def shard_classes(labels_uri: str, config: StorageConfig, model_version: str | None) -> list[str]:
+    """The class names, in index order, that the labels shards' files record (`file_schema`)."""
+    files = shard_files(labels_uri, LABELS, config, model_version)
+    if not files:
+        raise FileNotFoundError(
+            f"no labels shards of model version {model_version or 'any'} under {labels_uri}"
+        )
+    fs, _ = storage.filesystem(labels_uri, config)
+    metadata = pq.read_schema(files[0], filesystem=fs).metadata or {}
+    return json.loads(metadata[META_CLASSES])
+
+
 def new_run_id(started: datetime) -> str:
     """A run's id: its start time (UTC, sortable) and a random suffix, unique across machines."""
     return f"{started:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:12]}"

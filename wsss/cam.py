@@ -77,10 +77,9 @@ def compute_cams_batch(
     """CAMs (B, K, oh, ow) of same-size normalised images (B, 3, H, W).
 
     `model` needs `seed_maps(x, label_mask) -> (B, K, h, w)` (a `Classifier`: its CAM method's,
-    at any grid); it runs
-    in eval mode on its own device (the result stays there). `label_mask` (B, K) bool marks
-    each image's classes; the others are zero, labelled ones peak at 1 (unless the class never
-    activates, then they stay 0).
+    at any grid); it runs in eval mode on its own device (the result stays there). `label_mask`
+    (B, K) bool marks each image's classes; the others are zero, labelled ones peak at 1 (unless
+    the class never activates, then they stay 0).
     """
     if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
         raise ValueError(
@@ -94,16 +93,17 @@ def compute_cams_batch(
     device = _model_device(model)
     images = images.to(device)
     batch, _, height, width = images.shape
+    mask = label_mask.to(device)
+    if params.flip:  # the flipped copies of the images have the same labels
+        mask = torch.cat([mask, mask])
     total = None
     for scale in params.scales:
         size = (max(1, round(height * scale)), max(1, round(width * scale)))
         x = images
         if size != (height, width):
             x = F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=scale < 1)
-        mask = label_mask.to(device)
         if params.flip:  # both orientations in one forward pass
             x = torch.cat([x, x.flip(-1)])
-            mask = torch.cat([mask, mask])
         maps = model.seed_maps(x, mask)
         if params.flip:
             maps = maps[:batch] + maps[batch:].flip(-1)

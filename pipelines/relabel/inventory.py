@@ -37,8 +37,6 @@ INVENTORY_FIELDS = {
     "IsLatest": "is_latest",
     "IsDeleteMarker": "is_delete_marker",
 }
-
-
 REPORT_DATE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}-\d{2}Z")  # a report's folder, as S3 names it
 
 
@@ -123,9 +121,8 @@ def inventory_versions(manifest_uri: str, prefix: str, config: StorageConfig) ->
     """The image objects under the S3 prefix `prefix` with their versions, read from the S3
     Inventory report whose manifest.json is `manifest_uri` (`inventory_manifest`; CSV, Parquet
     or ORC, with the ETag field) instead of listed: a few large reads instead of a request per
-    1,000 objects. Only
-    current versions count (a versioned bucket's report may hold older ones and delete
-    markers). Streamed a block at a time, as `list_versions`."""
+    1,000 objects. Only current versions count (a versioned bucket's report may hold older ones
+    and delete markers). Streamed a block at a time, as `list_versions`."""
     report = read_inventory_report(manifest_uri, config)
     bucket, key_prefix = storage.split_s3(listing_folder(prefix))
     if report["sourceBucket"] != bucket:
