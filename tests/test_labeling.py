@@ -32,7 +32,8 @@ CRF = CrfParams(iterations=3)
 def labeler(networks, walk=WALK, crf=CRF):
     refiners = build_refiners([("random_walk", walk), ("crf", crf)], networks)
     cam = CamParams(scales=(1.0,))
-    return labeling.Labeler(networks.get("classifier"), cam, refiners, PseudoLabelParams())
+    seeds = labeling.CamSeeds(networks.get("classifier"), cam)
+    return labeling.Labeler(seeds, refiners, PseudoLabelParams())
 
 
 def test_cam_mask_uses_constant_background():
@@ -96,8 +97,9 @@ def test_walk_with_given_cams_skips_the_classifier(models):
     assert (out.masks["cam"][:, 14:] == 2).all() and (out.masks["cam"][:, :10] == 0).all()
     walk = out.masks["random_walk"]
     assert (walk[:, 20:] == 2).all() and (walk[:, :4] == 0).all()
-    with pytest.raises(ValueError, match="without a classifier needs the CAMs"):
+    with pytest.raises(labeling.StageError, match="without a classifier needs the CAMs") as err:
         method.seed(image, [2])
+    assert err.value.stage == "cam"
 
 
 def test_prepared_inputs_replace_the_refiners_own(models):
@@ -150,14 +152,17 @@ class _Broken(Refiner):
         raise RuntimeError("out of memory")
 
 
+CAMS_GIVEN = labeling.CamSeeds(None, CamParams())  # the CAM stage of callers passing CAMs
+
+
 def test_a_new_refiner_is_a_stage_with_its_mask_and_failures_name_it():
     image = np.full((16, 16, 3), 90, np.uint8)
     cams = np.ones((2, 16, 16), np.float32)
-    method = labeling.Labeler(None, CamParams(), [_Erase(CrfParams())], PseudoLabelParams())
+    method = labeling.Labeler(CAMS_GIVEN, [_Erase(CrfParams())], PseudoLabelParams())
     assert method.stages == ("cam", "erase") and method.split == 0  # a CPU refiner
     out = method.label(image, [1], cams_fg=cams)
     assert (out.masks["cam"] == 1).all() and not out.masks["erase"].any() and not out.mask.any()
-    broken = labeling.Labeler(None, CamParams(), [_Broken(Params())], PseudoLabelParams())
+    broken = labeling.Labeler(CAMS_GIVEN, [_Broken(Params())], PseudoLabelParams())
     with pytest.raises(labeling.StageError, match="broken: RuntimeError: out of memory") as err:
         broken.label(image, [1], cams_fg=cams)
     assert err.value.stage == "broken"

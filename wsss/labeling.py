@@ -1,4 +1,5 @@
-"""The method applied to one image: the CAM stage, then each configured refiner in order
+"""The method applied to one image: the seed stage (the classifier's CAMs, or a trained
+segmentation network's probabilities: `SeedStage`), then each configured refiner in order
 (`wsss.refiners`: e.g. the random walk, then the dense CRF), then the pseudo-label.
 
 `Labeler` splits the work in two at the point where a distributed job hands it from accelerator
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from wsss.classifier import Classifier
 from wsss.pseudo_label import PseudoLabelParams, finalize, normalize_scores
 from wsss.refiners import Refiner, Scores
 
-CAM_STAGE = "cam"  # the first stage of every method: the classifier's CAMs
+CAM_STAGE = "cam"  # the method's seed stage: the classifier's CAMs
 PSEUDO_LABEL_STAGE = "pseudo_label"  # what a failure making the final mask is recorded as
 
 
@@ -60,19 +61,47 @@ def cam_mask(cams_fg: np.ndarray, background: BackgroundParams) -> np.ndarray:
     return add_background(cams_fg, background).argmax(axis=0).astype(np.uint8)
 
 
+class SeedStage(Protocol):
+    """The first stage of a labeling: an image and its labels (class indices 1..K, at least one)
+    -> scores over the background and those classes, and the stage's mask (H, W)."""
+
+    name: str
+
+    def seed(
+        self, image: np.ndarray, labels: list[int], cams_fg: np.ndarray | None = None
+    ) -> tuple[Scores, np.ndarray]: ...
+
+
+class CamSeeds:
+    """The method's seed stage: the classifier's CAMs (`wsss.cam`) with a background. `classifier`
+    may be None for a caller that always passes the CAMs (`cams_fg`)."""
+
+    name = CAM_STAGE
+
+    def __init__(self, classifier: Classifier | None, params: CamParams) -> None:
+        self.classifier = classifier
+        self.params = params
+
+    def seed(
+        self, image: np.ndarray, labels: list[int], cams_fg: np.ndarray | None = None
+    ) -> tuple[Scores, np.ndarray]:
+        if cams_fg is None:
+            if self.classifier is None:
+                raise ValueError("a CAM stage without a classifier needs the CAMs (cams_fg)")
+            cams_fg = compute_cams(self.classifier, image, labels, self.params)
+        fg = cams_fg[[c - 1 for c in labels]]
+        scores = Scores((0, *labels), add_background(fg, self.params.background))
+        return scores, cam_mask(cams_fg, self.params.background)
+
+
 class Labeler:
-    """The configured method: `classifier` (None when the caller always passes the CAMs) with
-    `cam_params`, the `refiners` in order, and `pl_params` for the final mask."""
+    """The configured method: the `seeds` stage, the `refiners` in order, and `pl_params` for
+    the final mask."""
 
     def __init__(
-        self,
-        classifier: Classifier | None,
-        cam_params: CamParams,
-        refiners: Sequence[Refiner],
-        pl_params: PseudoLabelParams,
+        self, seeds: SeedStage, refiners: Sequence[Refiner], pl_params: PseudoLabelParams
     ) -> None:
-        self.classifier = classifier
-        self.cam_params = cam_params
+        self.seeds = seeds
         self.refiners = list(refiners)
         self.pl_params = pl_params
         # The refiners run beside the networks up to the first one that runs on CPUs.
@@ -82,8 +111,8 @@ class Labeler:
 
     @property
     def stages(self) -> tuple[str, ...]:
-        """The stage names in order: "cam", then each refiner's."""
-        return (CAM_STAGE, *(r.name for r in self.refiners))
+        """The stage names in order: the seed stage's ("cam"), then each refiner's."""
+        return (self.seeds.name, *(r.name for r in self.refiners))
 
     def prepare(self, image: np.ndarray) -> dict[str, Any]:
         """Each refiner's `prepare(image)` by name: what does not depend on its params, for a
@@ -98,7 +127,7 @@ class Labeler:
         cams_fg: np.ndarray | None = None,
         prepared: Mapping[str, Any] | None = None,
     ) -> Partial:
-        """The CAMs of uint8 (H, W, 3) `image` with class indices `labels` (1..K) and the
+        """The seed stage of uint8 (H, W, 3) `image` with class indices `labels` (1..K) and the
         accelerated refiners after them. `cams_fg` (K, H, W) skips computing the CAMs;
         `prepared` maps a refiner's name to its `prepare(image)`, computed once by a caller
         that labels an image many times."""
@@ -106,16 +135,11 @@ class Labeler:
         size = image.shape[:2]
         if not labels:  # a background-only image: nothing to compute or refine
             return Partial(Scores((0,), np.ones((1, *size), np.float32)), refined=-1)
-        if cams_fg is None and self.classifier is None:
-            raise ValueError("a Labeler without a classifier needs the CAMs (cams_fg)")
         try:
-            if cams_fg is None:
-                cams_fg = compute_cams(self.classifier, image, labels, self.cam_params)
-            fg = cams_fg[[c - 1 for c in labels]]
-            scores = Scores((0, *labels), add_background(fg, self.cam_params.background))
-            partial = Partial(scores, {CAM_STAGE: cam_mask(cams_fg, self.cam_params.background)})
+            scores, mask = self.seeds.seed(image, labels, cams_fg)
         except Exception as exc:  # e.g. out of memory on a huge image
-            raise StageError(CAM_STAGE, exc) from exc
+            raise StageError(self.seeds.name, exc) from exc
+        partial = Partial(scores, {self.seeds.name: mask})
         return self._refine(image, partial, self.split, prepared)
 
     def finish(

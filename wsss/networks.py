@@ -2,7 +2,7 @@
 and where its training starts from. Training (in process and under Ray Train), the labeling
 actors, `wsss run-local` and the model records all build networks here.
 
-A new network (a segmentation model, a CAM method's second classifier) is one entry in
+A new network (a CAM method's second classifier) is one entry in
 `NETWORKS`: its `Params` model and a builder taking them and the number of foreground classes.
 """
 
@@ -18,6 +18,7 @@ from wsss.affinity import AffinityNet, AffinityNetParams
 from wsss.backbones import WeightsSource, load_backbone_weights
 from wsss.classifier import Classifier, ClassifierParams
 from wsss.params import Params
+from wsss.segmentation import SegmentationNet, SegmentationParams
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ NETWORKS: dict[str, NetworkKind] = {
         ClassifierParams, lambda params, n_classes: Classifier(n_classes, params)
     ),
     "affinity": NetworkKind(AffinityNetParams, lambda params, _: AffinityNet(params)),
+    "segmentation": NetworkKind(
+        SegmentationParams, lambda params, n_classes: SegmentationNet(n_classes, params)
+    ),
 }
 
 
