@@ -76,7 +76,7 @@ def calibration_images(
                 image=image,
                 labels=labels,
                 mask=decode_mask(storage.read_bytes(row.mask, cfg.storage)),
-                cams_fg=compute_cams(labeler.classifier, image, labels, cfg.cam),
+                cams_fg=compute_cams(labeler.seeds.classifier, image, labels, cfg.cam),
                 prepared=labeler.prepare(image),
             )
         )
@@ -212,6 +212,7 @@ def run(
 ) -> dict:
     """Calibrate with the networks of the model records `records` (by network name; default:
     this run's)."""
+    cfg.require_method("calibrate")
     _check_walk(cfg)
     # A missing record, or one for other classes, is a ConfigError naming it.
     uris = label.models(cfg, records).uris

@@ -98,10 +98,27 @@ def cmd_train_affinity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_segmentation(args: argparse.Namespace) -> int:
+    from pipelines.train import segmentation as train_segmentation
+
+    extra = [f"segmentation.labels={args.labels}"] if args.labels else []
+    if args.ground_truth:
+        extra.append("segmentation.train_on=ground_truth")
+    cfg = _config(args, extra)
+    with _console(cfg, "train-segmentation") as say:
+        _print_record(train_segmentation.run(cfg, say), say)
+    return 0
+
+
+def _model_choice(args: argparse.Namespace) -> list[str]:
+    """`--model` of label and relabel, as the override of label.model."""
+    return [f"label.model={args.model}"] if args.model else []
+
+
 def cmd_label(args: argparse.Namespace) -> int:
     from pipelines.label import job as label
 
-    cfg = _config(args)
+    cfg = _config(args, _model_choice(args))
     with _console(cfg, "label") as say:
         summary = label.run(
             cfg,
@@ -165,7 +182,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_relabel(args: argparse.Namespace) -> int:
     from pipelines.relabel import job as relabel
 
-    cfg = _config(args)
+    cfg = _config(args, _model_choice(args))
     with _console(cfg, "relabel") as say:
         record = relabel.run(
             cfg,
@@ -207,6 +224,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train-affinity": (
         cmd_train_affinity,
         "train AffinityNet with Ray Train on the classifier's CAMs (resumes likewise)",
+    ),
+    "train-segmentation": (
+        cmd_train_segmentation,
+        "train a segmentation network with Ray Train on the pseudo-label shards (or, with "
+        "--ground-truth, on the manifest's masks: the fully supervised upper bound)",
     ),
     "label": (
         cmd_label,
@@ -264,9 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URI",
         help="model record of the classifier (default: the run's models/classifier.json)",
     )
+    training = parsers["train-segmentation"]
+    training.add_argument(
+        "--labels",
+        metavar="URI",
+        help="the shards to train on (segmentation.labels; default: label.out, else the run)",
+    )
+    training.add_argument(
+        "--ground-truth",
+        action="store_true",
+        help="train on the manifest's ground-truth masks instead (segmentation.train_on)",
+    )
     for name in ("label", "relabel"):
         parsers[name].add_argument(
             "--input", metavar="URI", help="manifest (default: dataset.manifest)"
+        )
+        parsers[name].add_argument(
+            "--model",
+            choices=("method", "segmentation"),
+            help="label with the method (CAMs and refiners) or with the trained segmentation "
+            "network, one forward pass (label.model; default: method)",
         )
         parsers[name].add_argument(
             "--out", metavar="URI", help="output folder (default: label.out, else the run folder)"

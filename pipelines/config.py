@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -36,10 +36,15 @@ from wsss.backbones import BackboneParams
 from wsss.cam import CamParams
 from wsss.class_report import ClassReportParams
 from wsss.classifier import ClassifierParams
-from wsss.labeling import CAM_STAGE, Labeler
-from wsss.params import Params
+from wsss.labeling import CAM_STAGE, CamSeeds, Labeler
 from wsss.pseudo_label import PseudoLabelParams
 from wsss.refiners import REFINERS, build_refiners, check_names, networks_needed
+from wsss.segmentation import (
+    SEGMENTATION_STAGE,
+    SegmentationInferenceParams,
+    SegmentationParams,
+    SegmentationSeeds,
+)
 from wsss.synthetic import SyntheticParams
 from wsss.training import OptimParams
 from wsss.transforms import AugmentParams
@@ -115,6 +120,32 @@ class AffinityConfig(Section):
     optim: OptimParams = DEMO_OPTIM.model_copy(update={"epochs": 3})
 
 
+class SegmentationConfig(Section):
+    """`wsss train-segmentation`: a segmentation network trained on the pseudo-label shards (or
+    on the manifest's ground-truth masks), and how `wsss label --model segmentation` uses it."""
+
+    model: SegmentationParams = SegmentationParams(backbone=DEMO_BACKBONE)
+    augment: AugmentParams = AugmentParams()
+    optim: OptimParams = DEMO_OPTIM.model_copy(update={"epochs": 10})
+    train_on: Literal["pseudo_labels", "ground_truth"] = Field(
+        "pseudo_labels",
+        description="pseudo_labels: the shards' final masks (ignored pixels stay ignored); "
+        "ground_truth: the manifest's masked rows, the fully supervised upper bound (train it "
+        "under another run `name`).",
+    )
+    labels: str | None = Field(
+        None,
+        description="The shards to train on (a labeling output folder or s3:// URI); None = "
+        "where `wsss label` of this configuration writes (label.out, else the run folder).",
+    )
+    labels_version: str = Field(
+        "latest",
+        min_length=1,
+        description="Model version of the shards to train on; latest = the newest labeling's.",
+    )
+    inference: SegmentationInferenceParams = SegmentationInferenceParams()
+
+
 class RayConfig(Section):
     address: str | None = Field(
         None, description="Ray cluster address; None starts (or joins) a local instance."
@@ -151,6 +182,12 @@ class RayConfig(Section):
 
 
 class LabelConfig(Section):
+    model: Literal["method", "segmentation"] = Field(
+        "method",
+        description="method: the classifier's CAMs and the refiners; segmentation: one forward "
+        "pass of the network `wsss train-segmentation` trained (segmentation.inference), no "
+        "refiners.",
+    )
     out: str | None = Field(
         None,
         description="Folder or s3:// URI that `wsss label` writes labels/, errors/ and its run "
@@ -265,6 +302,7 @@ class RunSettings(Section):
     classifier: ClassifierConfig = ClassifierConfig()
     cam: CamParams = CamParams()
     affinity: AffinityConfig = AffinityConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     refiners: tuple[str, ...] = Field(
         ("random_walk", "crf"),
         description="The stages after the CAMs, in order; each is a registered refiner "
@@ -316,6 +354,9 @@ class RunSettings(Section):
         refiners and their settings, the pseudo-label rule): part of each shard row's key, so a
         change to them relabels the rows it affects (`pipelines.label.rows.row_key`)."""
         data = self.model_dump(mode="json")
+        if self.label.model == "segmentation":
+            inference = data["segmentation"]["inference"]
+            return _digest({"segmentation": inference, "pseudo_label": data["pseudo_label"]})
         sections = ("cam", "refiners", *self.refiners, "pseudo_label")
         return _digest({name: data[name] for name in sections})
 
@@ -337,24 +378,43 @@ class RunSettings(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     @property
+    def segmentation_labeling(self) -> bool:
+        """Whether labeling runs the trained segmentation network instead of the method."""
+        return self.label.model == "segmentation"
+
+    def require_method(self, command: str) -> None:
+        """ConfigError unless labeling runs the method: `command` trains or tunes its parts."""
+        if self.segmentation_labeling:
+            raise ConfigError(
+                f"label.model: `wsss {command}` works on the method (CAMs and refiners), not on "
+                "label.model 'segmentation', which only `wsss label` and `wsss relabel` run"
+            )
+
+    @property
     def stages(self) -> tuple[str, ...]:
-        """The method's stages in order: the CAMs, then the configured refiners."""
+        """The labeling's stages in order: the CAMs, then the configured refiners (or the
+        segmentation network's one stage)."""
+        if self.segmentation_labeling:
+            return (SEGMENTATION_STAGE,)
         return (CAM_STAGE, *self.refiners)
 
     @property
     def networks(self) -> tuple[str, ...]:
-        """The trained networks labeling needs: the classifier and those of the refiners."""
+        """The trained networks labeling needs: the classifier and those of the refiners (or
+        the segmentation network)."""
+        if self.segmentation_labeling:
+            return ("segmentation",)
         return ("classifier", *networks_needed(self.refiners))
 
-    def refiner_params(self) -> list[tuple[str, Params]]:
-        """(name, params) of each configured refiner, in order."""
-        return [(name, getattr(self, name)) for name in self.refiners]
-
     def labeler(self, networks: dict[str, nn.Module]) -> Labeler:
-        """The configured method with these trained networks (by name: "classifier", and those
-        of `networks`; a part of a job may pass only those its part needs)."""
-        refiners = build_refiners(self.refiner_params(), networks)
-        return Labeler(networks.get("classifier"), self.cam, refiners, self.pseudo_label)
+        """The configured labeling with these trained networks (by name, as `networks`; a part
+        of a job may pass only those its part needs)."""
+        if self.segmentation_labeling:
+            seeds = SegmentationSeeds(networks.get("segmentation"), self.segmentation.inference)
+            return Labeler(seeds, [], self.pseudo_label)
+        params = [(name, getattr(self, name)) for name in self.refiners]
+        refiners = build_refiners(params, networks)
+        return Labeler(CamSeeds(networks.get("classifier"), self.cam), refiners, self.pseudo_label)
 
 
 # One section per registered refiner, named by it, so a new refiner's settings appear here

@@ -25,7 +25,11 @@ from wsss.metrics import ConfusionMatrix
 from wsss.visualize import PALETTE, contact_sheet, overlay
 
 FOLDER = "gallery"
-COLUMNS = ("image", "ground truth", "CAM", "final")
+
+
+def columns(first_stage: str) -> tuple[str, ...]:
+    """The gallery's columns: the third is the method's first stage (the CAM)."""
+    return ("image", "ground truth", "CAM" if first_stage == CAM_STAGE else first_stage, "final")
 
 
 def _png(picture: np.ndarray) -> bytes:
@@ -40,7 +44,7 @@ def _row_pictures(row: dict, truth_uri: str | None, n_classes: int, cfg: RunConf
     ground truth is known."""
     image = decode_image(storage.read_bytes(row["image"], cfg.storage))
     truth = decode_mask(storage.read_bytes(truth_uri, cfg.storage)) if truth_uri else None
-    cam_column = shards.stage_columns(cfg.stages)[CAM_STAGE]
+    cam_column = shards.stage_columns(cfg.stages)[cfg.stages[0]]
     cam = decode_mask(row[cam_column]) if row.get(cam_column) is not None else None
     final = decode_mask(row["mask"])
     caption = f"{row['image_id']}: {', '.join(row['labels'])}"
@@ -81,7 +85,7 @@ def write_gallery(
     manifest = load_manifest(cfg)
     truths = {row.image_id: row.mask for row in manifest.rows if row.mask}
     columns = ["image_id", "image", "labels", shards.FINAL_COLUMN]
-    cam_column = shards.stage_columns(cfg.stages)[CAM_STAGE]
+    cam_column = shards.stage_columns(cfg.stages)[cfg.stages[0]]
     rows = shards.read_shard_rows(
         out_uri, cfg.storage, shards.LABELS, model_version, columns, optional_columns=[cam_column]
     )
@@ -93,6 +97,7 @@ def write_gallery(
         raise FileNotFoundError(f"no labelled images under {out_uri} to show")
 
     tiles, captions, body = [], [], []
+    titles = columns(cfg.stages[0])
     n_classes = len(manifest.classes)
     for row in chosen:
         truth_uri = truths.get(row["image_id"])
@@ -104,12 +109,12 @@ def write_gallery(
                 caption,
                 *(
                     c if p is not None else f"{c}: none"
-                    for c, p in zip(COLUMNS[1:], panels[1:], strict=True)
+                    for c, p in zip(titles[1:], panels[1:], strict=True)
                 ),
             ]
         )
         cells = []
-        for column, picture in zip(COLUMNS, panels, strict=True):
+        for column, picture in zip(titles, panels, strict=True):
             if picture is None:
                 cells.append("<td>none</td>")
                 continue
@@ -120,7 +125,7 @@ def write_gallery(
 
     sheet_uri = storage.join(folder, "gallery.png")
     storage.write_bytes(sheet_uri, _png(contact_sheet(tiles, captions)), cfg.storage)
-    header = "".join(f"<th>{html.escape(c)}</th>" for c in ("", *COLUMNS))
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in ("", *titles))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>wsss pseudo-labels: {html.escape(out_uri)}</title>
 <style>body{{font-family:sans-serif}} img{{width:192px;image-rendering:pixelated}}

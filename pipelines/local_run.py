@@ -144,6 +144,7 @@ def score_stages(
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     """Run every stage; returns the summary (also written under the run folder)."""
+    cfg.require_method("run-local")
     device = torch.device(cfg.device) if cfg.device else default_device()
     started = time.perf_counter()
     timings: dict[str, float] = {}

@@ -76,6 +76,7 @@ def previous_digests(cfg: RunConfig, stage: str) -> dict[str, str] | None:
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
     """Run the stages not yet done for `cfg`; returns what happened to each stage."""
+    cfg.require_method("run")
     outcome: dict[str, str] = {}
     relabel = False  # the shards were labelled with other settings: redo them
     for stage in stage_sections(cfg):

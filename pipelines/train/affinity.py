@@ -109,7 +109,15 @@ def run(
     # The record read here, not its URI, goes to the actors and workers: one classifier for the
     # whole job even if the record is replaced while it runs.
     build_model = partial(initial_affinity_net, classifier, cfg)
-    job = new_job("affinity", cfg, manifest, cfg.affinity, build_model, affinity_step_loss)
+    job = new_job(
+        "affinity",
+        cfg,
+        manifest.classes,
+        len(manifest),
+        cfg.affinity,
+        build_model,
+        affinity_step_loss,
+    )
     labelled = affinity_label_dataset(manifest, cfg, classifier, job.skipped).materialize()
     dataset = labelled.map_batches(
         affinity_examples,

@@ -57,7 +57,15 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
     manifest = load_manifest(cfg)
     n_classes = manifest.num_foreground
     build_model = partial(initial_classifier, n_classes, cfg)
-    job = new_job("classifier", cfg, manifest, cfg.classifier, build_model, classifier_step_loss)
+    job = new_job(
+        "classifier",
+        cfg,
+        manifest.classes,
+        len(manifest),
+        cfg.classifier,
+        build_model,
+        classifier_step_loss,
+    )
     dataset = image_dataset(manifest, cfg, job.skipped).map_batches(
         classification_examples,
         fn_kwargs={

@@ -1,4 +1,5 @@
-"""Ray Train plumbing shared by `wsss train-classifier` and `wsss train-affinity`.
+"""Ray Train plumbing shared by `wsss train-classifier`, `train-affinity` and
+`train-segmentation`.
 
 A stage describes its network in a `TrainJob` and builds a Ray Data dataset of ready training
 examples: `image_dataset` streams the manifest's images (fetched and decoded in Ray Data tasks,
@@ -46,9 +47,8 @@ from pipelines.model_record import (
     write_record,
 )
 from pipelines.shards import ragged
-from wsss.affinity import AffinityNetParams
-from wsss.classifier import ClassifierParams
-from wsss.imageio import ImageDecodeError, decode_image
+from wsss.imageio import ImageDecodeError, decode_image, decode_mask
+from wsss.params import Params
 from wsss.training import (
     Batch,
     OptimParams,
@@ -148,30 +148,39 @@ def follow_progress(progress, log: Callable[[str], None], every_s: float = 2.0) 
 
 def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[str, np.ndarray]:
     """Ray Data step: fetch and decode each row's image -> {"image_id", "image": uint8 (H, W, 3)
-    each, "labels": class indices each}. A row whose bytes cannot be fetched or decoded is
+    each, and "labels" (class indices each) or "mask" (uint8 (H, W) each) as the rows have
+    them: a mask is PNG bytes (a shard's) or the URI of one (a manifest's ground truth). A row
+    whose image or mask cannot be fetched or decoded, or whose mask does not fit its image, is
     dropped, logged and reported to the `SkippedRows` actor `skipped`, never fatal."""
-    ids, images, labels, problems = [], [], [], []
-    for image_id, uri, row_labels in zip(
-        batch["image_id"], batch["image"], batch["labels"], strict=True
-    ):
+    ids, images, extras, problems = [], [], [], []
+    extra = "labels" if "labels" in batch else "mask"
+    for image_id, uri, value in zip(batch["image_id"], batch["image"], batch[extra], strict=True):
         try:
-            data = storage.read_bytes(str(uri), cfg.storage, cfg.dataset.max_bytes)
-            images.append(decode_image(data, cfg.dataset.max_pixels))
+            image = decode_image(_read(uri, cfg), cfg.dataset.max_pixels)
+            if extra == "labels":
+                value = np.asarray(value, dtype=np.int64)
+            else:
+                value = decode_mask(value if isinstance(value, bytes) else _read(value, cfg))
+                if value.shape != image.shape[:2]:
+                    raise ImageDecodeError(
+                        f"mask {value.shape} does not match the image {image.shape[:2]}"
+                    )
         except (OSError, ImageDecodeError) as err:
             problems.append((str(image_id), f"{image_id} ({uri}): {err}"))
             continue
         ids.append(str(image_id))
-        labels.append(np.asarray(row_labels, dtype=np.int64))
+        images.append(image)
+        extras.append(value)
     if problems:
         messages = "; ".join(message for _, message in problems)
         logger.warning("skipping %d unreadable image(s): %s", len(problems), messages)
         # Waited for, so every count is in before the epoch's data is exhausted.
         ray.get(skipped.add.remote(problems))
-    return {
-        "image_id": np.array(ids, dtype=object),
-        "image": ragged(images),
-        "labels": ragged(labels),
-    }
+    return {"image_id": np.array(ids, dtype=object), "image": ragged(images), extra: ragged(extras)}
+
+
+def _read(uri: str, cfg: RunConfig) -> bytes:
+    return storage.read_bytes(str(uri), cfg.storage, cfg.dataset.max_bytes)
 
 
 def image_dataset(manifest: Manifest, cfg: RunConfig, skipped) -> ray.data.Dataset:
@@ -205,13 +214,16 @@ class TrainJob:
     stage: Stage
     cfg: RunConfig
     classes: list[str]
-    model_params: ClassifierParams | AffinityNetParams
+    model_params: Params  # the network's architecture (ClassifierParams, ...)
     optim: OptimParams
     build_model: Callable[[], nn.Module]  # the network at its initial weights, on the CPU
     step_loss: StepLoss
     n_rows: int  # manifest rows: sets the length of the learning-rate schedule
     skipped: Any  # the SkippedRows actor the dataset reports to
     progress: Any  # the EpochLines actor the first worker reports each epoch to
+    # Leave out each worker's last, smaller batch of an epoch: a network with batch norm on
+    # pooled features (DeepLabV3's ASPP) cannot train on a batch of one.
+    drop_last: bool = False
 
     @property
     def batch_per_worker(self) -> int:
@@ -222,30 +234,35 @@ class TrainJob:
     def steps_per_epoch(self) -> int:
         # Ray Train gives every worker the same number of rows (up to workers - 1 are dropped).
         rows_per_worker = self.n_rows // self.cfg.ray.train_workers
+        if self.drop_last:
+            return rows_per_worker // self.batch_per_worker
         return math.ceil(rows_per_worker / self.batch_per_worker)
 
 
 def new_job(
     stage: Stage,
     cfg: RunConfig,
-    manifest: Manifest,
+    classes: list[str],
+    n_rows: int,
     section: Any,
     build_model: Callable[[], nn.Module],
     step_loss: StepLoss,
+    drop_last: bool = False,
 ) -> TrainJob:
-    """The job of training `stage` on `manifest` with the `model` and `optim` of the config
-    `section` (`cfg.classifier` or `cfg.affinity`)."""
+    """The job of training `stage` on `n_rows` examples of `classes` with the `model` and
+    `optim` of the config `section` (`cfg.classifier`, `cfg.affinity`, ...)."""
     return TrainJob(
         stage=stage,
         cfg=cfg,
-        classes=manifest.classes,
+        classes=classes,
         model_params=section.model,
         optim=section.optim,
         build_model=build_model,
         step_loss=step_loss,
-        n_rows=len(manifest),
+        n_rows=n_rows,
         skipped=runtime.on_driver_node(SkippedRows).remote(),
         progress=runtime.on_driver_node(EpochLines).remote(),
+        drop_last=drop_last,
     )
 
 
@@ -258,9 +275,10 @@ def run_training(
     (or a folder every node shares)."""
     cfg = job.cfg
     if job.steps_per_epoch < 1:
+        needs = f"a batch of {job.batch_per_worker}" if job.drop_last else "at least one"
         raise ConfigError(
             f"{job.n_rows} images cannot be shared among ray.train_workers "
-            f"{cfg.ray.train_workers}: every worker needs at least one"
+            f"{cfg.ray.train_workers}: every worker needs {needs}"
         )
     train_root = cfg.layout.checkpoints
     filesystem, path = storage.filesystem(train_root, cfg.storage)
@@ -364,6 +382,7 @@ def _train_worker(config: dict) -> None:
             batch_size=job.batch_per_worker,
             local_shuffle_buffer_size=4 * job.batch_per_worker,
             prefetch_batches=2,
+            drop_last=job.drop_last,
         )
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
