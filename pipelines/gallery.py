@@ -27,7 +27,7 @@ from wsss.visualize import PALETTE, contact_sheet, overlay
 FOLDER = "gallery"
 
 
-def columns(first_stage: str) -> tuple[str, ...]:
+def panel_titles(first_stage: str) -> tuple[str, ...]:
     """The gallery's columns: the third is the method's first stage (the CAM)."""
     return ("image", "ground truth", "CAM" if first_stage == CAM_STAGE else first_stage, "final")
 
@@ -97,7 +97,7 @@ def write_gallery(
         raise FileNotFoundError(f"no labelled images under {out_uri} to show")
 
     tiles, captions, body = [], [], []
-    titles = columns(cfg.stages[0])
+    titles = panel_titles(cfg.stages[0])
     n_classes = len(manifest.classes)
     for row in chosen:
         truth_uri = truths.get(row["image_id"])

@@ -304,10 +304,15 @@ def test_ray_pods_run_unprivileged_and_only_their_own_cluster_reaches_them():
             assert template["metadata"]["labels"].items() >= selector.items(), name
             pod = template["spec"]["securityContext"]
             assert pod["runAsNonRoot"] and pod["runAsUser"] != 0, name
+            empty = {v["name"] for v in template["spec"]["volumes"] if "emptyDir" in v}
             for container in template["spec"]["containers"]:
                 security = container["securityContext"]
                 assert security["allowPrivilegeEscalation"] is False, name
                 assert security["capabilities"]["drop"] == ["ALL"], name
+                # A read-only root: what Ray and the libraries write goes to emptyDirs.
+                assert security["readOnlyRootFilesystem"] is True, name
+                writable = {m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty}
+                assert writable >= {"/tmp", "/home/ray/.cache"}, name
 
 
 def test_gpu_group_requests_gpus_and_cpu_group_none():
@@ -373,6 +378,7 @@ def test_run_config_validates_with_the_config_model(tmp_path):
     cfg = load_config(path)
     assert cfg.ray.use_gpu and cfg.ray.address == "auto"
     assert storage.is_s3(cfg.output) and storage.is_s3(cfg.dataset.manifest)
+    assert cfg.log_dir.startswith("/tmp/")  # writable on the pods' read-only root
 
 
 def min_nodes_kuberay(spec: dict) -> list[dict[str, float]]:
