@@ -108,7 +108,7 @@ UNREADABLE = "synth-000005"
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """24 synthetic images of 96-128 px with masks; one image's file spoilt after the shard was made."""
+    """24 synthetic images of 96-128 px with masks (one image's file is spoilt later)."""
     params = SyntheticParams(n_classes=3, min_side=96, max_side=128, max_objects=2)
     manifest = synthetic.generate(tmp_path_factory.mktemp("data"), N_IMAGES, 3, params)
     return manifest.parent
