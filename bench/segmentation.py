@@ -72,14 +72,19 @@ def split_manifest(manifest: str, folder: Path, holdout: float, seed: int, maske
     return paths["train"], paths["heldout"], len(parts["train"]), len(parts["heldout"])
 
 
+def on_manifest(cfg: RunConfig, manifest: Path) -> RunConfig:
+    """`cfg` reading `manifest` (the held-out images') instead of its own."""
+    return cfg.model_copy(
+        update={"dataset": cfg.dataset.model_copy(update={"manifest": str(manifest)})}
+    )
+
+
 def label_and_score(cfg: RunConfig, heldout: Path, out: Path, say) -> tuple[dict, float]:
     """Label the held-out images into `out` and evaluate them: (stages' results, seconds)."""
     started = time.perf_counter()
     summary = label.run(cfg, input_uri=str(heldout), out_uri=str(out), log=say)
     seconds = time.perf_counter() - started
-    scoring = cfg.model_copy(
-        update={"dataset": cfg.dataset.model_copy(update={"manifest": str(heldout)})}
-    )
+    scoring = on_manifest(cfg, heldout)
     result = evaluate.evaluate(str(out), scoring)
     return {"stages": result["stages"], "classes": result["classes"], "summary": summary}, seconds
 
@@ -90,9 +95,7 @@ def seconds_per_image(cfg: RunConfig, heldout: Path) -> float:
     of the segmentation network alone, without a job's start-up."""
     networks = {name: load_network(cfg.layout.record(name), cfg, name) for name in cfg.networks}
     labeler = cfg.labeler(networks)
-    scoring = cfg.model_copy(
-        update={"dataset": cfg.dataset.model_copy(update={"manifest": str(heldout)})}
-    )
+    scoring = on_manifest(cfg, heldout)
     manifest = load_manifest(scoring)
     seconds = []
     for row in manifest.rows:

@@ -183,28 +183,34 @@ def _read(uri: str, cfg: RunConfig) -> bytes:
     return storage.read_bytes(str(uri), cfg.storage, cfg.dataset.max_bytes)
 
 
+def block_count(n_rows: int, cfg: RunConfig) -> int:
+    """Blocks of `ray.rows_per_block` rows that `n_rows` rows make (at least one)."""
+    return max(1, math.ceil(n_rows / cfg.ray.rows_per_block))
+
+
+def decoded_blocks(rows: ray.data.Dataset, cfg: RunConfig, skipped) -> ray.data.Dataset:
+    """`rows` (image URIs and their labels or masks), their blocks visited in a new order every
+    epoch (from `cfg.seed`), fetched and decoded in Ray Data tasks (`decode_rows`); the
+    workers' local shuffle buffers mix rows across neighbouring blocks."""
+    return rows.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed)).map_batches(
+        decode_rows,
+        fn_kwargs={"cfg": cfg, "skipped": skipped},
+        batch_size=cfg.ray.rows_per_block,
+        batch_format="numpy",
+    )
+
+
 def image_dataset(manifest: Manifest, cfg: RunConfig, skipped) -> ray.data.Dataset:
     """The manifest's images, decoded in Ray Data tasks, as {"image_id", "image", "labels"}
     rows. Only the rows' URIs live on the driver. The rows are shuffled once into blocks of
-    `ray.rows_per_block`, and every epoch visits the blocks in a new order (from `cfg.seed`);
-    the workers' local shuffle buffers mix rows across neighbouring blocks."""
+    `ray.rows_per_block` (`decoded_blocks` then varies the blocks' order per epoch)."""
     order = np.random.default_rng(cfg.seed).permutation(len(manifest.rows))
     rows = [
         {"image_id": row.image_id, "image": row.image, "labels": manifest.label_indices(row)}
         for row in (manifest.rows[i] for i in order)
     ]
-    rows_per_block = cfg.ray.rows_per_block
-    blocks = max(1, math.ceil(len(rows) / rows_per_block))
-    return (
-        ray.data.from_items(rows, override_num_blocks=blocks)
-        .randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed))
-        .map_batches(
-            decode_rows,
-            fn_kwargs={"cfg": cfg, "skipped": skipped},
-            batch_size=rows_per_block,
-            batch_format="numpy",
-        )
-    )
+    blocks = block_count(len(rows), cfg)
+    return decoded_blocks(ray.data.from_items(rows, override_num_blocks=blocks), cfg, skipped)
 
 
 @dataclass(frozen=True)

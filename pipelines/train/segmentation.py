@@ -23,7 +23,13 @@ from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.manifests import Manifest
 from pipelines.model_record import ModelRecord
 from pipelines.runtime import connect
-from pipelines.train.job import check_cluster, decode_rows, new_job, run_training
+from pipelines.train.job import (
+    block_count,
+    check_cluster,
+    decoded_blocks,
+    new_job,
+    run_training,
+)
 from wsss.networks import initial_network
 from wsss.segmentation import SegmentationNet, segmentation_example, segmentation_step_loss
 from wsss.transforms import AugmentParams
@@ -100,21 +106,12 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
         segmentation_step_loss,
         drop_last=True,
     )
-    rows_per_block = cfg.ray.rows_per_block
-    dataset = (
-        rows.repartition(max(1, -(-n_rows // rows_per_block)))
-        .randomize_block_order(seed=ray.data.RandomSeedConfig(seed=cfg.seed))
-        .map_batches(
-            decode_rows,
-            fn_kwargs={"cfg": cfg, "skipped": job.skipped},
-            batch_size=rows_per_block,
-            batch_format="numpy",
-        )
-        .map_batches(
-            segmentation_examples,
-            fn_kwargs={"augment_params": cfg.segmentation.augment},
-            batch_size=rows_per_block,
-            batch_format="numpy",
-        )
+    dataset = decoded_blocks(
+        rows.repartition(block_count(n_rows, cfg)), cfg, job.skipped
+    ).map_batches(
+        segmentation_examples,
+        fn_kwargs={"augment_params": cfg.segmentation.augment},
+        batch_size=cfg.ray.rows_per_block,
+        batch_format="numpy",
     )
     return run_training(job, dataset, log)
