@@ -36,6 +36,13 @@ def main() -> None:
     parser.add_argument(
         "--masked-only", action="store_true", help="train and evaluate on the masked rows only"
     )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="REFINERS",
+        help="also score this chain of refiners (e.g. deep_clustering,crf) on the same CAMs",
+    )
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
     with tempfile.TemporaryDirectory() as scratch:
@@ -44,10 +51,11 @@ def main() -> None:
             cfg = cfg.model_copy(
                 update={"dataset": cfg.dataset.model_copy(update={"manifest": str(subset)})}
             )
-        summary = local_run.main(cfg)
+        summary = local_run.main(cfg, compare=[chain.split(",") for chain in args.compare])
     results = {
         "command": f"python bench/quality.py --config {args.config} "
         + ("--masked-only " if args.masked_only else "")
+        + "".join(f"--compare {chain} " for chain in args.compare)
         + " ".join(f"--set {s}" for s in args.set),
         "machine": machine_info(torch=torch.__version__, threads=torch.get_num_threads()),
         **summary,

@@ -58,7 +58,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_run_local(args: argparse.Namespace) -> int:
     from pipelines import local_run
 
-    local_run.main(_config(args))
+    local_run.main(_config(args), compare=[chain.split(",") for chain in args.compare])
     return 0
 
 
@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n", type=int, help="number of images (synthetic.n)")
     synth.add_argument("--seed", type=int, help="seed (synthetic.seed)")
     synth.add_argument("--preview", metavar="PNG", help="also write a contact sheet of samples")
+    parsers["run-local"].add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="REFINERS",
+        help="also score this chain of refiners (comma-separated, e.g. deep_clustering,crf) on "
+        "the same classifier and CAMs; repeatable",
+    )
     parsers["train-affinity"].add_argument(
         "--classifier",
         metavar="URI",

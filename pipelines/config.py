@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -374,6 +375,11 @@ class RunSettings(Section):
             data["label"]["keep_stages"] = True
         return type(self).model_validate(data)
 
+    def with_refiners(self, refiners: Sequence[str]) -> RunSettings:
+        """This configuration with another chain of refiners, validated (a name that is not a
+        registered refiner fails naming the field)."""
+        return _validated(type(self), self.model_dump(mode="json") | {"refiners": list(refiners)})
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -404,7 +410,7 @@ class RunSettings(Section):
         the segmentation network)."""
         if self.segmentation_labeling:
             return ("segmentation",)
-        return ("classifier", *networks_needed(self.refiners))
+        return tuple(dict.fromkeys(("classifier", *networks_needed(self.refiners))))
 
     def labeler(self, networks: dict[str, nn.Module]) -> Labeler:
         """The configured labeling with these trained networks (by name, as `networks`; a part
@@ -492,7 +498,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data = _merged(RunConfig().model_dump(mode="json"), loaded or {})
     for assignment in overrides or []:
         apply_override(data, assignment)
+    return _validated(RunConfig, data)
+
+
+def _validated(model: type[RunSettings], data: dict[str, Any]) -> RunSettings:
+    """`data` validated as `model`; ConfigError naming each bad field."""
     try:
-        return RunConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc)) from None

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -142,9 +142,14 @@ def score_stages(
     return matrices, areas
 
 
-def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
-    """Run every stage; returns the summary (also written under the run folder)."""
+def run(
+    cfg: RunConfig, log: Callable[[str], None] = print, compare: Sequence[Sequence[str]] = ()
+) -> dict:
+    """Run every stage; returns the summary (also written under the run folder). `compare`:
+    other refiner chains (e.g. ("deep_clustering", "crf")) scored as well on the same classifier
+    and CAMs, under the summary's "compared", so that refiners are measured side by side."""
     cfg.require_method("run-local")
+    variants = [cfg.with_refiners(chain) for chain in compare]  # bad names fail before work
     device = torch.device(cfg.device) if cfg.device else default_device()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -156,6 +161,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
     manifest = load_manifest(cfg)
     examples = load_examples(cfg, manifest)
+    evaluated = sum(e.mask is not None for e in examples)
     n_classes, n_all = manifest.num_foreground, manifest.num_foreground + 1
     log(f"{len(examples)} images, {n_classes} foreground classes, device {device}")
     t = lap("load", started)
@@ -170,7 +176,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     sweep = cam_sweep(examples, cams, n_all)
     t = lap("cam", t)
     networks = {"classifier": classifier}
-    if "affinity" in cfg.networks:  # the refiners need AffinityNet (the random walk does)
+    if any("affinity" in c.networks for c in (cfg, *variants)):  # the walk needs AffinityNet
         networks["affinity"] = fit_affinity_net(cfg, examples, cams, classifier, device, log)
         t = lap("train_affinity", t)
 
@@ -178,9 +184,23 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     seeded = [labeler.seed(e.image, e.labels, c) for e, c in zip(examples, cams, strict=True)]
     t = lap("seed", t)  # the CAM masks and the refiners beside the networks (the walk)
     stages, areas = score_stages(labeler, seeded, examples, n_all)
-    lap("finish", t)  # the other refiners (the CRF) and the final masks
+    t = lap("finish", t)  # the other refiners (the CRF) and the final masks
+    compared = {}
+    for variant in variants:
+        other = variant.labeler(networks)
+        matrices, _ = score_stages(
+            other,
+            [other.seed(e.image, e.labels, c) for e, c in zip(examples, cams, strict=True)],
+            examples,
+            n_all,
+        )
+        now = time.perf_counter()
+        compared[chain_name(variant.refiners)] = {
+            "stages": {name: stage_result(m, evaluated) for name, m in matrices.items()},
+            "seconds": round(now - t, 2),
+        }
+        t = now
 
-    evaluated = sum(e.mask is not None for e in examples)
     best_threshold = max(sweep, key=lambda thr: np.nan_to_num(sweep[thr].miou(), nan=-1.0))
     summary = {
         "images": len(examples),
@@ -201,6 +221,8 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         "seconds": {**timings, "total": round(time.perf_counter() - started, 2)},
         "config_hash": cfg.hash(),
     }
+    if compared:
+        summary["compared"] = compared
     out_dir = cfg.layout.local
     storage.write_bytes(storage.join(out_dir, "config.yaml"), cfg.to_yaml().encode(), cfg.storage)
     storage.write_bytes(
@@ -210,10 +232,18 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def main(cfg: RunConfig) -> dict:
-    summary = run(cfg)
+def chain_name(refiners: Sequence[str]) -> str:
+    """How a chain of refiners is named in a summary: "cam+random_walk+crf"."""
+    return "+".join((labeling.CAM_STAGE, *refiners))
+
+
+def main(cfg: RunConfig, compare: Sequence[Sequence[str]] = ()) -> dict:
+    summary = run(cfg, compare=compare)
     print()
     print(format_table(summary["classes"], summary["stages"]))
+    for chain, result in summary.get("compared", {}).items():
+        print(f"\ncompared: {chain} ({result['seconds']} s)")
+        print(format_table(summary["classes"], result["stages"]))
     print()
     best = summary["cam_best_miou"]
     print(

@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, RunConfig, apply_override, load_config
+from wsss.refiners import REFINERS
 
 
 def test_defaults_are_valid_and_hash_is_stable():
@@ -65,7 +66,8 @@ def test_the_method_follows_the_configured_refiners():
     # Each registered refiner has its section, and the schema lists the names.
     schema = RunConfig.model_json_schema()
     assert {"random_walk", "crf"} <= set(schema["properties"])
-    assert schema["properties"]["refiners"]["items"]["enum"] == ["crf", "random_walk"]
+    assert schema["properties"]["refiners"]["items"]["enum"] == sorted(REFINERS)
+    assert {"crf", "deep_clustering", "random_walk"} <= set(REFINERS)
 
 
 def test_radius_must_agree_between_labels_and_network():

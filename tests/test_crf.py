@@ -124,6 +124,17 @@ def test_non_contiguous_image_and_float64_probs_work():
     assert np.all(np.abs((labels == 0).argmax(axis=1) - (WIDTH - EDGE)) <= 1)
 
 
+def test_probs_in_another_memory_order_give_the_same_marginals():
+    # e.g. a (H, W, C) array transposed to (C, H, W) without a copy, as torch's permute gives
+    image = two_colour_image()
+    probs = ramp_probs(EDGE - 6.5)
+    channels_last = np.ascontiguousarray(probs.transpose(1, 2, 0)).transpose(2, 0, 1)
+    assert not channels_last.flags.c_contiguous
+    np.testing.assert_allclose(
+        dense_crf(image, channels_last, CrfParams()), dense_crf(image, probs, CrfParams())
+    )
+
+
 @pytest.mark.parametrize(
     ("image", "probs", "error", "message"),
     [

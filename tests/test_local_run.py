@@ -36,9 +36,13 @@ def test_run_local_trains_labels_and_reports_every_stage(tmp_path):
     ]
     cfg = load_config(overrides=overrides)
     lines = []
-    summary = local_run.run(cfg, log=lines.append)
+    summary = local_run.run(cfg, log=lines.append, compare=[("crf",)])
 
     assert summary["images"] == summary["evaluated"] == 12
+    # Another chain is scored on the same CAMs: its CAM row is the run's own.
+    [(chain, compared)] = summary["compared"].items()
+    assert chain == "cam+crf" and set(compared["stages"]) == {"cam", "crf"}
+    assert compared["stages"]["cam"] == summary["stages"]["cam"]
     assert set(summary["stages"]) == {"cam", "random_walk", "crf"}
     for stage in summary["stages"].values():
         assert 0.0 <= stage["miou"] <= 1.0 and stage["images"] == 12

@@ -63,7 +63,9 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
 
     # The C++ side takes float32 (C, N) unaries and a C-contiguous, writable uint8 image buffer
     # (Cython rejects read-only views such as np.asarray of a PIL image).
-    unary = np.maximum(probs.reshape(n_labels, -1), params.probability_floor, dtype=np.float32)
+    unary = np.maximum(
+        probs.reshape(n_labels, -1), params.probability_floor, dtype=np.float32, order="C"
+    )
     np.log(unary, out=unary)
     np.negative(unary, out=unary)
     if not np.isfinite(unary.sum()):

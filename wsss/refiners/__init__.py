@@ -5,7 +5,7 @@ configuration's `refine` section, the shards' stage columns and the evaluation's
 from the registry and the configured stages). See docs/architecture.md.
 """
 
-from wsss.refiners import crf, random_walk  # noqa: F401  (importing registers the members)
+from wsss.refiners import crf, deep_clustering, random_walk  # noqa: F401  (importing registers the members)
 from wsss.refiners.base import (
     REFINERS,
     Refiner,
