@@ -215,12 +215,16 @@ SHARD_VERSION = "v0test"
 
 
 def write_label_shard(
-    out: Path, data_dir: Path, predict, stages=("cam", "random_walk", "crf")
+    out: Path,
+    data_dir: Path,
+    predict,
+    stages=("cam", "random_walk", "crf"),
+    image_root: str | None = None,
 ) -> None:
     """One labels/ file under `out` of model version SHARD_VERSION of a method with `stages`:
     for each image of the synthetic dataset in `data_dir`, the final mask and the CAM mask are
     the ground truth and the walk's mask (when the method has a walk) is `predict(ground
-    truth)`."""
+    truth)`. The rows' image URIs are under `image_root` (default: `data_dir` itself)."""
     import json
     from datetime import UTC, datetime
 
@@ -238,7 +242,7 @@ def write_label_shard(
         records.append(
             {
                 "image_id": row["image_id"],
-                "image": str(data_dir / row["image"]),
+                "image": f"{image_root or data_dir}/{row['image']}",
                 "height": truth.shape[0],
                 "width": truth.shape[1],
                 "labels": row["labels"],

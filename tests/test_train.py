@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 import ray
 import torch
-from conftest import synthetic_with_unreadable, tiny_networks, upload_dataset
+from conftest import (
+    SHARD_VERSION,
+    synthetic_with_unreadable,
+    tiny_networks,
+    upload_dataset,
+    write_label_shard,
+)
 from torch import nn
 
 from pipelines import storage
@@ -169,25 +175,56 @@ def test_run_started_again_resumes_after_its_last_checkpoint(cfg, overrides, cla
     assert not torch.equal(first["head.weight"], second["head.weight"])
 
 
-def test_run_killed_after_its_first_checkpoint_resumes_from_there(cfg, overrides, ray_cluster):
-    # `wsss train-classifier` in a process of its own on this session's Ray, killed (SIGKILL)
+def segmentation_on_s3_shards(data_dir: Path, s3_endpoint: str, bucket: str) -> list[str]:
+    """Overrides training the segmentation network (ResNet-18 from random weights, small crops)
+    on a labels/ shard in a bucket of its own on the local S3 server, whose rows name the
+    images uploaded to `bucket` (their masks: the ground truth)."""
+    shard_root = data_dir.parent / "segmentation-shards"
+    if not shard_root.exists():
+        write_label_shard(
+            shard_root, data_dir, lambda truth: truth, image_root=f"s3://{bucket}/data"
+        )
+    shard_bucket = upload_dataset(s3_endpoint, shard_root)
+    return [
+        f"segmentation.labels=s3://{shard_bucket}/data",
+        f"segmentation.labels_version={SHARD_VERSION}",
+        "segmentation.model.backbone.library=torchvision",
+        "segmentation.model.backbone.name=resnet18",
+        "segmentation.model.backbone.weights=null",
+        "segmentation.augment.crop_size=48",
+        "segmentation.augment.resize_long=[48, 64]",
+        "segmentation.optim.batch_size=4",
+    ]
+
+
+@pytest.mark.parametrize("network", ["classifier", "segmentation"])
+def test_run_killed_after_its_first_checkpoint_resumes_from_there(
+    network, cfg, overrides, ray_cluster, data_dir, s3_endpoint
+):
+    # `wsss train-<network>` in a process of its own on this session's Ray, killed (SIGKILL)
     # as soon as its first checkpoint is registered; then the same command started again. A
     # checkpoint counts once Ray Train has recorded it in the run's snapshot file: one whose
-    # upload a kill interrupts before that is trained again.
+    # upload a kill interrupts before that is trained again. The segmentation network trains
+    # from pseudo-label shards on S3, two of whose images are unreadable.
     epochs = 4  # uploads queue behind the training: the record waits for all of them
-    command = [sys.executable, "-m", "pipelines.cli", "train-classifier"]
+    command = [sys.executable, "-m", "pipelines.cli", f"train-{network}"]
+    bucket = cfg.dataset.manifest.removeprefix("s3://").split("/")[0]
+    extra = []
+    if network == "segmentation":
+        extra = segmentation_on_s3_shards(data_dir, s3_endpoint, bucket)
     for assignment in [
         *overrides,
-        "name=killed",
+        *extra,
+        f"name=killed-{network}",
         "ray.train_workers=1",
-        f"classifier.optim.epochs={epochs}",
+        f"{network}.optim.epochs={epochs}",
         f"ray.address={ray.get_runtime_context().gcs_address}",
     ]:
         command += ["--set", assignment]
-    run = storage.join(cfg.output, "killed")
-    first_meta = storage.join(run, "train/classifier/epoch_0000/meta.json")
-    registered = storage.join(run, "train/classifier/checkpoint_manager_snapshot.json")
-    record = storage.join(run, "models/classifier.json")
+    run = storage.join(cfg.output, f"killed-{network}")
+    first_meta = storage.join(run, f"train/{network}/epoch_0000/meta.json")
+    registered = storage.join(run, f"train/{network}/checkpoint_manager_snapshot.json")
+    record = storage.join(run, f"models/{network}.json")
 
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -207,6 +244,7 @@ def test_run_killed_after_its_first_checkpoint_resumes_from_there(cfg, overrides
     assert 1 <= start < epochs  # resumed after a stored checkpoint, not from scratch
     assert resumed.epochs == epochs and resumed.metrics["epoch"] == epochs - 1
     assert storage.read_bytes(first_meta, cfg.storage) == before  # epoch 0 not trained again
+    assert resumed.metrics["skipped_images"] == len(UNREADABLE)
 
 
 def test_label_actor_gives_the_in_process_affinity_labels(cfg, classifier_record):
