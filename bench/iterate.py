@@ -50,14 +50,16 @@ from wsss.segmentation import (
 from wsss.training import default_device, train_in_process
 
 
-def score(labeler: Labeler, examples: list[Example], n_all: int) -> tuple[dict, list[np.ndarray]]:
-    """Every stage's result over the examples, and their final masks (with no confidence
-    threshold, the last stage's)."""
+def score(
+    labeler: Labeler, examples: list[Example], n_all: int, keep: str | None
+) -> tuple[dict, list[np.ndarray]]:
+    """Every stage's result over the examples, and the masks of stage `keep` (None: the final
+    masks, which are the last stage's unless `pseudo_label` sets a confidence threshold)."""
     matrices = {stage: ConfusionMatrix(n_all) for stage in labeler.stages}
     finals = []
     for e in examples:
         out = labeler.label(e.image, e.labels)
-        finals.append(out.mask)
+        finals.append(out.mask if keep is None else out.masks[keep])
         for stage, matrix in matrices.items():
             matrix.update(out.masks[stage], e.mask)
     return {stage: stage_result(m, len(examples)) for stage, m in matrices.items()}, finals
@@ -92,6 +94,11 @@ def main() -> None:
         "--confident", type=float, default=0.9, help="the unary's probability for affinity labels"
     )
     parser.add_argument("--masked-only", action="store_true", help="the masked rows only")
+    parser.add_argument(
+        "--train-on",
+        metavar="STAGE",
+        help="the stage whose masks train the next round's network (default: the final masks)",
+    )
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     cfg = load_config(args.config, args.set)
@@ -112,7 +119,7 @@ def main() -> None:
     cams = [compute_cams(classifier, e.image, e.labels, cfg.cam) for e in examples]
     affinity = fit_affinity_net(cfg, examples, cams, classifier, device, log)
     labeler = cfg.labeler({"classifier": classifier, "affinity": affinity})
-    stages, masks = score(labeler, examples, n_classes + 1)
+    stages, masks = score(labeler, examples, n_classes + 1, args.train_on)
     rounds.append(stages)
     seconds.append(round(time.perf_counter() - started, 1))
     print(f"\nround 0 ({seconds[-1]} s)\n" + format_table(manifest.classes, stages))
@@ -143,7 +150,8 @@ def main() -> None:
         refiners = build_refiners(
             [(name, getattr(cfg, name)) for name in cfg.refiners], {"affinity": affinity}
         )
-        stages, masks = score(Labeler(seeds, refiners, cfg.pseudo_label), examples, n_classes + 1)
+        labeler = Labeler(seeds, refiners, cfg.pseudo_label)
+        stages, masks = score(labeler, examples, n_classes + 1, args.train_on)
         ignored = float(np.mean([(m == 255).mean() for m in label_maps]))
         stages["affinity labels: ignored share"] = round(ignored, 3)
         rounds.append(stages)
@@ -157,6 +165,7 @@ def main() -> None:
             "command": f"python bench/iterate.py --config {args.config} --rounds {args.rounds} "
             f"--confident {args.confident} "
             + ("--masked-only " if args.masked_only else "")
+            + (f"--train-on {args.train_on} " if args.train_on else "")
             + " ".join(f"--set {s}" for s in args.set),
             "machine": machine_info(torch=torch.__version__, threads=torch.get_num_threads()),
             "images": len(examples),
