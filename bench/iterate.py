@@ -33,8 +33,13 @@ from quality import masked_subset
 from pipelines.config import load_config
 from pipelines.evaluate import format_table, stage_result
 from pipelines.inputs import load_manifest, resolve_weights
-from pipelines.local_run import Example, fit_affinity_net, fit_classifier, load_examples
-from wsss.affinity import train_affinity_net
+from pipelines.local_run import (
+    Example,
+    cam_affinity_labels,
+    fit_affinity_net,
+    fit_classifier,
+    load_examples,
+)
 from wsss.cam import compute_cams
 from wsss.labeling import Labeler
 from wsss.metrics import ConfusionMatrix
@@ -117,7 +122,8 @@ def main() -> None:
     started = time.perf_counter()
     classifier = fit_classifier(cfg, examples, n_classes, device, log)
     cams = [compute_cams(classifier, e.image, e.labels, cfg.cam) for e in examples]
-    affinity = fit_affinity_net(cfg, examples, cams, classifier, device, log)
+    label_maps = cam_affinity_labels(cfg, examples, cams)
+    affinity = fit_affinity_net(cfg, examples, label_maps, classifier, device, log)
     labeler = cfg.labeler({"classifier": classifier, "affinity": affinity})
     stages, masks = score(labeler, examples, n_classes + 1, args.train_on)
     rounds.append(stages)
@@ -132,21 +138,7 @@ def main() -> None:
         for e in examples:
             scores, _ = seeds.seed(e.image, e.labels)
             label_maps.append(finalize(scores.values, scores.channels, confident)[0])
-        start = initial_network(
-            "affinity",
-            cfg.affinity.model,
-            n_classes,
-            classifier.backbone.state_dict(),
-            seed=cfg.seed,
-        )
-        affinity = train_affinity_net(
-            start,
-            [(e.image, m) for e, m in zip(examples, label_maps, strict=True)],
-            cfg.affinity.augment,
-            cfg.affinity.optim,
-            cfg.seed,
-            device,
-        )
+        affinity = fit_affinity_net(cfg, examples, label_maps, classifier, device, log)
         refiners = build_refiners(
             [(name, getattr(cfg, name)) for name in cfg.refiners], {"affinity": affinity}
         )

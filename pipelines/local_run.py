@@ -78,20 +78,27 @@ def fit_classifier(
     )
 
 
+def cam_affinity_labels(
+    cfg: RunConfig, examples: list[Example], cams: list[np.ndarray]
+) -> list[np.ndarray]:
+    """The affinity label map of each example from its CAMs `cams` (IRN's, `wsss.affinity`)."""
+    return [
+        affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image)
+        for e, cams_fg in zip(examples, cams, strict=True)
+    ]
+
+
 def fit_affinity_net(
     cfg: RunConfig,
     examples: list[Example],
-    cams: list[np.ndarray],
+    label_maps: list[np.ndarray],
     classifier: Classifier,
     device,
     log: Callable[[str], None],
 ) -> AffinityNet:
-    """AffinityNet trained on the affinity labels of the CAMs `cams`, its backbone starting
-    from the classifier's."""
-    samples = [
-        (e.image, affinity_label_map(cams_fg, e.labels, cfg.affinity.labels, e.image))
-        for e, cams_fg in zip(examples, cams, strict=True)
-    ]
+    """AffinityNet trained on the examples' affinity label maps (`wsss.affinity`: a class,
+    0 background, 255 ignore per pixel), its backbone starting from the classifier's."""
+    samples = [(e.image, m) for e, m in zip(examples, label_maps, strict=True)]
     start = initial_network(
         "affinity",
         cfg.affinity.model,
@@ -177,7 +184,8 @@ def run(
     t = lap("cam", t)
     networks = {"classifier": classifier}
     if any("affinity" in c.networks for c in (cfg, *variants)):  # the walk needs AffinityNet
-        networks["affinity"] = fit_affinity_net(cfg, examples, cams, classifier, device, log)
+        label_maps = cam_affinity_labels(cfg, examples, cams)
+        networks["affinity"] = fit_affinity_net(cfg, examples, label_maps, classifier, device, log)
         t = lap("train_affinity", t)
 
     labeler = cfg.labeler(networks)

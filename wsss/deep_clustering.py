@@ -97,10 +97,11 @@ def region_means(values: torch.Tensor, regions: torch.Tensor, n_regions: int) ->
     return torch.cat(blocks, dim=1) / counts.clamp_min(1)[:, None]
 
 
-def region_features(levels: list[torch.Tensor], regions: torch.Tensor) -> torch.Tensor:
+def region_features(
+    levels: list[torch.Tensor], regions: torch.Tensor, n_regions: int
+) -> torch.Tensor:
     """Each region's features (R, D): the mean of each level (C_l, h_l, w_l) over the region,
     each level's vector scaled to unit length, concatenated."""
-    n_regions = int(regions.max()) + 1
     return torch.cat(
         [F.normalize(region_means(level, regions, n_regions), dim=1) for level in levels], dim=1
     )
@@ -143,26 +144,21 @@ def cluster_regions(
         chosen, labels = training_regions(probs, labels, params.seed_fraction)
         weights = sizes[chosen] / sizes[chosen].sum()
         target = labels[chosen]
-        embed = (torch.randn(dims, params.embedding, generator=generator) / math.sqrt(dims)).to(
-            device
-        )
-        classify = (
-            torch.randn(params.embedding, n_classes, generator=generator)
-            / math.sqrt(params.embedding)
-        ).to(device)
-        weights_and_biases = [
-            embed.requires_grad_(),
-            torch.zeros(params.embedding, device=device, requires_grad=True),
-            classify.requires_grad_(),
-            torch.zeros(n_classes, device=device, requires_grad=True),
-        ]
+        # The embedding (w1, b1) and the classifier on it (w2, b2), drawn from the seeded
+        # generator so that a refined image does not depend on torch's global random state.
+        w1 = torch.randn(dims, params.embedding, generator=generator) / math.sqrt(dims)
+        w2 = torch.randn(params.embedding, n_classes, generator=generator)
+        w2 = w2 / math.sqrt(params.embedding)
+        w1, w2 = w1.to(device).requires_grad_(), w2.to(device).requires_grad_()
+        b1 = torch.zeros(params.embedding, device=device, requires_grad=True)
+        b2 = torch.zeros(n_classes, device=device, requires_grad=True)
         centres = torch.zeros(n_classes, params.embedding, device=device, requires_grad=True)
-        optimiser = torch.optim.Adam([*weights_and_biases, centres], lr=params.learning_rate)
+        optimiser = torch.optim.Adam([w1, b1, w2, b2, centres], lr=params.learning_rate)
         x = features[chosen]
         with torch.enable_grad():
             for _ in range(params.steps):
-                z = x @ weights_and_biases[0] + weights_and_biases[1]
-                logits = z @ weights_and_biases[2] + weights_and_biases[3]
+                z = x @ w1 + b1
+                logits = z @ w2 + b2
                 cross_entropy = (F.cross_entropy(logits, target, reduction="none") * weights).sum()
                 centre = (((z - centres[target]) ** 2).sum(dim=1) * weights).sum()
                 loss = cross_entropy + params.centre_weight * centre
@@ -170,8 +166,7 @@ def cluster_regions(
                 loss.backward()
                 optimiser.step()
         with torch.no_grad():
-            z = features @ weights_and_biases[0] + weights_and_biases[1]
-            probs = (z @ weights_and_biases[2] + weights_and_biases[3]).softmax(dim=1)
+            probs = ((features @ w1 + b1) @ w2 + b2).softmax(dim=1)
         labels = probs.argmax(dim=1)
     return probs
 
@@ -190,7 +185,7 @@ def refine_by_clustering(
     device = levels[0].device
     regions = torch.from_numpy(superpixels(image, params)).to(device)
     n_regions = int(regions.max()) + 1
-    features = region_features(levels, regions)
+    features = region_features(levels, regions, n_regions)
     region_probs = region_means(torch.from_numpy(probs).to(device), regions, n_regions)
     sizes = torch.bincount(regions.reshape(-1), minlength=n_regions).float()
     refined = cluster_regions(features, region_probs, sizes, params)

@@ -23,7 +23,7 @@ import torch
 
 from wsss.cam import BackgroundParams, CamParams, add_background, compute_cams
 from wsss.classifier import Classifier
-from wsss.pseudo_label import PseudoLabelParams, finalize, normalize_scores
+from wsss.pseudo_label import PseudoLabelParams, finalize
 from wsss.refiners import Refiner, Scores
 
 CAM_STAGE = "cam"  # the method's seed stage: the classifier's CAMs
@@ -154,9 +154,7 @@ class Labeler:
             masks = partial.masks
         scores = partial.scores
         try:
-            probs = scores.full_resolution(size)
-            if not scores.probabilities:
-                probs = normalize_scores(probs)
+            probs = scores.full_probabilities(size)
             mask, confidence, ignore_fraction = finalize(probs, scores.channels, self.pl_params)
         except Exception as exc:
             raise StageError(PSEUDO_LABEL_STAGE, exc) from exc

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from wsss.params import Params
+from wsss.pseudo_label import normalize_scores
 from wsss.random_walk import upsample
 
 
@@ -44,6 +45,12 @@ class Scores:
         if self.stride != 1 or tuple(values.shape[1:]) != tuple(size):
             values = upsample(values, self.stride, size)
         return values.clamp_min(0).numpy()
+
+    def full_probabilities(self, size: tuple[int, int]) -> np.ndarray:
+        """Per-pixel probabilities (C, H, W) at the image's size `size`: the scores at full
+        resolution, normalised unless they are probabilities already."""
+        values = self.full_resolution(size)
+        return values if self.probabilities else normalize_scores(values)
 
     def mask(self, size: tuple[int, int]) -> np.ndarray:
         """(H, W) uint8: the class of the best channel at each pixel."""

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from wsss.crf import CrfParams, dense_crf
-from wsss.pseudo_label import normalize_scores
 from wsss.refiners.base import Refiner, Scores, register
 
 
@@ -18,7 +17,5 @@ class DenseCrf(Refiner):
     params_type = CrfParams
 
     def refine(self, image: np.ndarray, scores: Scores, prepared: Any = None) -> Scores:
-        probs = scores.full_resolution(image.shape[:2])
-        if not scores.probabilities:
-            probs = normalize_scores(probs)
+        probs = scores.full_probabilities(image.shape[:2])
         return Scores(scores.channels, dense_crf(image, probs, self.params), probabilities=True)

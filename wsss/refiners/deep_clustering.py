@@ -10,7 +10,6 @@ import torch
 
 from wsss.classifier import Classifier
 from wsss.deep_clustering import DeepClusteringParams, refine_by_clustering
-from wsss.pseudo_label import normalize_scores
 from wsss.refiners.base import Refiner, Scores, register
 from wsss.transforms import normalize
 
@@ -34,8 +33,6 @@ class DeepClustering(Refiner):
     def refine(self, image: np.ndarray, scores: Scores, prepared: Any = None) -> Scores:
         levels = self.prepare(image) if prepared is None else prepared
         levels = [levels[i] for i in self.params.levels]
-        probs = scores.full_resolution(image.shape[:2])
-        if not scores.probabilities:
-            probs = normalize_scores(probs)
+        probs = scores.full_probabilities(image.shape[:2])
         refined = refine_by_clustering(image, probs, levels, self.params)
         return Scores(scores.channels, refined, probabilities=True)
