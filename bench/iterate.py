@@ -7,8 +7,9 @@ with the configured refiners on the new affinities (`wsss.labeling` with the seg
 network as the seed stage): the round's pseudo-labels. mIoU of every stage of every round on the
 same images, in process, seeded.
 
-This measures the method before any Ray orchestration of it (`iterate.rounds` in `wsss run`,
-issue 17) exists: whether rounds help at all, on which data, and what a round costs.
+`wsss run` with `iterate.rounds` runs the same rounds as Ray jobs (`pipelines.iterate`); this
+bench measures the method alone, in one process: whether rounds help, on which data, and what a
+round costs.
 
     uv run python bench/iterate.py --config configs/demo.yaml --rounds 2 \
         --set dataset.manifest=data/synthetic/manifest.jsonl \
@@ -44,11 +45,11 @@ from wsss.cam import compute_cams
 from wsss.labeling import Labeler
 from wsss.metrics import ConfusionMatrix
 from wsss.networks import initial_network
-from wsss.pseudo_label import PseudoLabelParams, finalize
 from wsss.refiners import build_refiners
 from wsss.segmentation import (
     SegmentationNet,
     SegmentationSeeds,
+    confident_label_map,
     segmentation_example,
     segmentation_step_loss,
 )
@@ -129,15 +130,14 @@ def main() -> None:
     rounds.append(stages)
     seconds.append(round(time.perf_counter() - started, 1))
     print(f"\nround 0 ({seconds[-1]} s)\n" + format_table(manifest.classes, stages))
-    confident = PseudoLabelParams(confidence_threshold=args.confident)
     for r in range(1, args.rounds + 1):
         started = time.perf_counter()
         unary = train_unary(cfg, examples, masks, n_classes, device)
         seeds = SegmentationSeeds(unary, cfg.segmentation.inference)
-        label_maps = []
-        for e in examples:
-            scores, _ = seeds.seed(e.image, e.labels)
-            label_maps.append(finalize(scores.values, scores.channels, confident)[0])
+        label_maps = [
+            confident_label_map(seeds.seed(e.image, e.labels)[0], e.image.shape[:2], args.confident)
+            for e in examples
+        ]
         affinity = fit_affinity_net(cfg, examples, label_maps, classifier, device, log)
         refiners = build_refiners(
             [(name, getattr(cfg, name)) for name in cfg.refiners], {"affinity": affinity}

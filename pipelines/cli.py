@@ -311,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         parsers[name].add_argument(
             "--model",
-            choices=("method", "segmentation"),
-            help="label with the method (CAMs and refiners) or with the trained segmentation "
-            "network, one forward pass (label.model; default: method)",
+            choices=("method", "segmentation", "refined_segmentation"),
+            help="label with the method (CAMs and refiners), with the trained segmentation "
+            "network in one forward pass, or with its probabilities refined by the refiners "
+            "(label.model; default: method)",
         )
         parsers[name].add_argument(
             "--out", metavar="URI", help="output folder (default: label.out, else the run folder)"

@@ -37,7 +37,7 @@ from wsss.backbones import BackboneParams
 from wsss.cam import CamParams
 from wsss.class_report import ClassReportParams
 from wsss.classifier import ClassifierParams
-from wsss.labeling import CAM_STAGE, CamSeeds, Labeler
+from wsss.labeling import CAM_STAGE, CamSeeds, Labeler, SeedStage
 from wsss.pseudo_label import PseudoLabelParams
 from wsss.refiners import REFINERS, build_refiners, check_names, networks_needed
 from wsss.segmentation import (
@@ -144,6 +144,13 @@ class SegmentationConfig(Section):
         min_length=1,
         description="Model version of the shards to train on; latest = the newest labeling's.",
     )
+    labels_column: str = Field(
+        "mask",
+        pattern=r"^mask(_\w+)?$",
+        description="The shards' column of masks to train on: mask (the final pseudo-labels) or "
+        "an earlier stage's kept mask (mask_cam, mask_rw, ...: docs/output.md; its labeling "
+        "needs label.keep_stages).",
+    )
     inference: SegmentationInferenceParams = SegmentationInferenceParams()
 
 
@@ -183,11 +190,12 @@ class RayConfig(Section):
 
 
 class LabelConfig(Section):
-    model: Literal["method", "segmentation"] = Field(
+    model: Literal["method", "segmentation", "refined_segmentation"] = Field(
         "method",
         description="method: the classifier's CAMs and the refiners; segmentation: one forward "
         "pass of the network `wsss train-segmentation` trained (segmentation.inference), no "
-        "refiners.",
+        "refiners; refined_segmentation: that network's probabilities refined by the refiners "
+        "(what each round of `iterate` labels with).",
     )
     out: str | None = Field(
         None,
@@ -283,6 +291,31 @@ class CalibrateConfig(Section):
     )
 
 
+class IterateConfig(Section):
+    """Iterative affinity learning (Wang et al., IJCV 2020) as rounds of `wsss run` after the
+    method's own labeling (round 0): each round trains a segmentation network on the last
+    round's masks, an AffinityNet on that network's confident pixels, and labels with the
+    network's probabilities refined by `refiners` (`pipelines.iterate`)."""
+
+    rounds: int = Field(
+        0, ge=0, description="Rounds after round 0; each is a run of its own in <run>/round-<r>/."
+    )
+    train_on: str = Field(
+        "final",
+        min_length=1,
+        description="The masks that train each round's segmentation network: final (the "
+        "pseudo-labels) or those of one of `refiners` (kept with label.keep_stages). On real "
+        "photos the walk's masks taught better than the CRF's (docs/benchmarks.md).",
+    )
+    confident: float = Field(
+        0.9,
+        gt=0,
+        lt=1,
+        description="A round's AffinityNet learns from the pixels whose class the segmentation "
+        "network gives at least this probability; the rest are ignored.",
+    )
+
+
 class RunSettings(Section):
     """Every section but the refiners' (`RunConfig` adds one per registered refiner)."""
 
@@ -317,6 +350,7 @@ class RunSettings(Section):
     label: LabelConfig = LabelConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    iterate: IterateConfig = IterateConfig()
 
     @field_validator("refiners")
     @classmethod
@@ -336,6 +370,27 @@ class RunSettings(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _iterate_masks_kept(self) -> RunSettings:
+        train_on = self.iterate.train_on
+        if train_on != "final" and train_on not in self.refiners:
+            raise ValueError(
+                f"iterate.train_on: {train_on!r} is neither final nor one of refiners "
+                f"{list(self.refiners)}"
+            )
+        # The last stage's masks are the final ones; the others are stored on request only.
+        final = train_on == "final" or train_on == self.refiners[-1]
+        if self.iterate.rounds and not (final or self.label.keep_stages):
+            raise ValueError(
+                f"iterate.train_on: {train_on!r} masks are stored only with label.keep_stages: true"
+            )
+        if self.iterate.rounds and self.label.model != "method":
+            raise ValueError(
+                "iterate.rounds: the rounds follow the method's labeling (label.model: method), "
+                f"not label.model {self.label.model!r}"
+            )
+        return self
+
     @property
     def run_uri(self) -> str:
         """The run's folder, output/name."""
@@ -351,15 +406,17 @@ class RunSettings(Section):
         return _digest(self.model_dump(mode="json"))
 
     def mask_settings(self) -> str:
-        """Digest of the sections that shape a mask given the networks (the CAM stage, the
-        refiners and their settings, the pseudo-label rule): part of each shard row's key, so a
-        change to them relabels the rows it affects (`pipelines.label.rows.row_key`)."""
+        """Digest of the sections that shape a mask given the networks (the seed stage's
+        settings, the refiners and theirs, the pseudo-label rule): part of each shard row's key,
+        so a change to them relabels the rows it affects (`pipelines.label.rows.row_key`)."""
         data = self.model_dump(mode="json")
-        if self.label.model == "segmentation":
-            inference = data["segmentation"]["inference"]
-            return _digest({"segmentation": inference, "pseudo_label": data["pseudo_label"]})
-        sections = ("cam", "refiners", *self.refiners, "pseudo_label")
-        return _digest({name: data[name] for name in sections})
+        if self.seed_network == "classifier":
+            seeds = {"cam": data["cam"]}
+        else:
+            seeds = {"segmentation": data["segmentation"]["inference"]}
+        chain = {name: data[name] for name in ("refiners", *self.refiners)}
+        refined = chain if self.labeling_refiners else {}
+        return _digest(seeds | refined | {"pseudo_label": data["pseudo_label"]})
 
     def for_labeling(
         self, manifest: str | None = None, out: str | None = None, keep_stages: bool = False
@@ -383,44 +440,51 @@ class RunSettings(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-    @property
-    def segmentation_labeling(self) -> bool:
-        """Whether labeling runs the trained segmentation network instead of the method."""
-        return self.label.model == "segmentation"
-
     def require_method(self, command: str) -> None:
         """ConfigError unless labeling runs the method: `command` trains or tunes its parts."""
-        if self.segmentation_labeling:
+        if self.label.model != "method":
             raise ConfigError(
                 f"label.model: `wsss {command}` works on the method (CAMs and refiners), not on "
-                "label.model 'segmentation', which only `wsss label` and `wsss relabel` run"
+                f"label.model {self.label.model!r}, which only `wsss label` and `wsss relabel` "
+                "run (and `wsss run`'s iterate rounds)"
             )
 
     @property
+    def seed_network(self) -> str:
+        """The network of labeling's first stage: the classifier (its CAMs) or the trained
+        segmentation network."""
+        return "classifier" if self.label.model == "method" else "segmentation"
+
+    @property
+    def labeling_refiners(self) -> tuple[str, ...]:
+        """The refiners labeling runs: the configured ones, none for label.model segmentation."""
+        return () if self.label.model == "segmentation" else self.refiners
+
+    @property
     def stages(self) -> tuple[str, ...]:
-        """The labeling's stages in order: the CAMs, then the configured refiners (or the
-        segmentation network's one stage)."""
-        if self.segmentation_labeling:
-            return (SEGMENTATION_STAGE,)
-        return (CAM_STAGE, *self.refiners)
+        """The labeling's stages in order: the seed stage (the CAMs or the segmentation
+        network), then the refiners it runs."""
+        seed = CAM_STAGE if self.seed_network == "classifier" else SEGMENTATION_STAGE
+        return (seed, *self.labeling_refiners)
 
     @property
     def networks(self) -> tuple[str, ...]:
-        """The trained networks labeling needs: the classifier and those of the refiners (or
-        the segmentation network)."""
-        if self.segmentation_labeling:
-            return ("segmentation",)
-        return tuple(dict.fromkeys(("classifier", *networks_needed(self.refiners))))
+        """The trained networks labeling needs: the seed stage's and those of its refiners."""
+        needed = networks_needed(self.labeling_refiners)
+        return tuple(dict.fromkeys((self.seed_network, *needed)))
+
+    def seed_stage(self, networks: dict[str, nn.Module]) -> SeedStage:
+        """Labeling's first stage with its trained network from `networks` (by name)."""
+        if self.seed_network == "classifier":
+            return CamSeeds(networks.get("classifier"), self.cam)
+        return SegmentationSeeds(networks.get("segmentation"), self.segmentation.inference)
 
     def labeler(self, networks: dict[str, nn.Module]) -> Labeler:
         """The configured labeling with these trained networks (by name, as `networks`; a part
         of a job may pass only those its part needs)."""
-        if self.segmentation_labeling:
-            seeds = SegmentationSeeds(networks.get("segmentation"), self.segmentation.inference)
-            return Labeler(seeds, [], self.pseudo_label)
-        params = [(name, getattr(self, name)) for name in self.refiners]
+        params = [(name, getattr(self, name)) for name in self.labeling_refiners]
         refiners = build_refiners(params, networks)
-        return Labeler(CamSeeds(networks.get("classifier"), self.cam), refiners, self.pseudo_label)
+        return Labeler(self.seed_stage(networks), refiners, self.pseudo_label)
 
 
 # One section per registered refiner, named by it, so a new refiner's settings appear here

@@ -1,13 +1,17 @@
 """`wsss run`: every stage of a run in order: train-classifier, the training of each other network
-the configured refiners need (train-affinity for the random walk), label, evaluate.
+the configured refiners need (train-affinity for the random walk), label, evaluate; then, with
+`iterate.rounds`, each round's stages (`pipelines.iterate`: round-1/train-segmentation,
+round-1/train-affinity, round-1/label, round-1/evaluate, ...) and the report of all rounds.
 
-A finished stage leaves a marker `<run>/stages/<stage>.json` holding a fingerprint of what its
-output depends on: the configuration sections it reads and the manifest file's size and
-modification time. A stage whose marker has the current fingerprint (and whose output is there)
-is skipped, unless an earlier stage ran. When a training stage's settings changed, the run stops
-and says which sections changed: the run's checkpoints belong to the old settings (Ray Train
-would resume from them), and a new run `name` trains afresh. Changed labeling settings relabel
-the collection (`wsss label --force`): the model version alone would not tell the shards apart.
+A finished stage leaves a marker `stages/<stage>.json` in the run's folder (a round's in its
+own) holding a fingerprint of what its output depends on: the configuration sections it reads
+and the manifest file's size and modification time. A stage whose marker has the current
+fingerprint (and whose output is there) is skipped, unless an earlier stage ran. When a training
+stage's settings changed, the run stops and says which sections changed: the run's checkpoints
+belong to the old settings (Ray Train would resume from them), and a new run `name` trains
+afresh. A round's networks are the run's own product, so a round whose inputs changed trains
+them afresh. Changed labeling settings relabel the collection (`wsss label --force`): the model
+version alone would not tell the shards apart.
 """
 
 from __future__ import annotations
@@ -15,104 +19,153 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from pipelines import evaluate, shards, storage
+from pipelines import evaluate, iterate, shards, storage
 from pipelines.config import ConfigError, RunConfig
 from pipelines.label import job as label
 from pipelines.train import affinity as train_affinity
 from pipelines.train import classifier as train_classifier
+from pipelines.train import segmentation as train_segmentation
 
-# The job that trains each network a method may need (`RunConfig.networks`), as a stage.
-TRAINERS: dict[str, Callable[..., object]] = {
-    "classifier": train_classifier.run,
-    "affinity": train_affinity.run,
-}
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # "train-<network>", "label" or "evaluate"
+    cfg: RunConfig  # what it runs with: the run's configuration or its round's
+    sections: tuple[str, ...]  # of the run's configuration: what its output depends on
+    round: int = 0  # the iterate round it belongs to; 0: the run itself
+    records: dict[str, str] = field(default_factory=dict)  # networks a round takes from the run
+
+    @property
+    def name(self) -> str:
+        """As the run reports it: "label", "round-1/label"."""
+        return f"{iterate.round_name(self.round)}/{self.kind}" if self.round else self.kind
+
+    @property
+    def marker(self) -> str:
+        return self.cfg.layout.marker(self.kind)
+
+    @property
+    def output(self) -> str:
+        """A file whose presence shows the stage's output is there."""
+        layout = self.cfg.layout
+        if self.kind.startswith("train-"):
+            return layout.record(self.kind.removeprefix("train-"))
+        if self.kind == "label":
+            return storage.join(layout.labels, shards.SUMMARY_FILE)
+        return storage.join(layout.report(), evaluate.RESULT_FILE)
+
+
+def stages(cfg: RunConfig) -> list[Stage]:
+    """The stages of `cfg`'s run in order (a training stage per network its method needs, then
+    label and evaluate; then those of each iterate round), each with the configuration sections
+    its output depends on."""
+    trains = [name for name in cfg.networks if name != "classifier"]
+    method = ("seed", "dataset", "classifier", "cam", *trains)
+    labeling = (*method, "refiners", *cfg.refiners, "pseudo_label", "label")
+    planned = [Stage("train-classifier", cfg, ("seed", "dataset", "classifier"))]
+    planned += [Stage(f"train-{name}", cfg, method) for name in trains]
+    planned += [Stage("label", cfg, labeling), Stage("evaluate", cfg, (*labeling, "evaluate"))]
+    rounds = tuple(dict.fromkeys((*labeling, *iterate.SECTIONS)))
+    kinds = [*(f"train-{name}" for name in iterate.trained_networks(cfg)), "label", "evaluate"]
+    for r in range(1, cfg.iterate.rounds + 1):
+        round_cfg = iterate.round_config(cfg, r)
+        for kind in kinds:
+            sections = (*rounds, "evaluate") if kind == "evaluate" else rounds
+            planned.append(Stage(kind, round_cfg, sections, r, iterate.inherited_records(cfg)))
+    return planned
 
 
 def stage_sections(cfg: RunConfig) -> dict[str, tuple[str, ...]]:
-    """The stages of `cfg`'s run in order (a training stage per network its method needs, then
-    label and evaluate), each with the configuration sections its output depends on."""
-    trains = [name for name in cfg.networks if name != "classifier"]
-    method = ("seed", "dataset", "classifier", "cam", *trains)
-    sections = {"train-classifier": ("seed", "dataset", "classifier")}
-    sections |= {f"train-{name}": method for name in trains}
-    labeling = (*method, "refiners", *cfg.refiners, "pseudo_label", "label")
-    return sections | {"label": labeling, "evaluate": (*labeling, "evaluate")}
+    """Each stage of `cfg`'s run by name, with the configuration sections it depends on."""
+    return {stage.name: stage.sections for stage in stages(cfg)}
 
 
 def _digest(value: object) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def section_digests(cfg: RunConfig, stage: str) -> dict[str, str]:
-    """Digest of each configuration section `stage` depends on, and of the manifest file."""
-    data = cfg.model_dump(mode="json")
-    digests = {section: _digest(data[section]) for section in stage_sections(cfg)[stage]}
+def section_digests(cfg: RunConfig, stage: Stage) -> dict[str, str]:
+    """Digest of each configuration section (or dotted field) `stage` depends on, and of the
+    manifest file."""
+    digests = {}
+    for section in stage.sections:
+        value = cfg.model_dump(mode="json")
+        for key in section.split("."):
+            value = value[key]
+        digests[section] = _digest(value)
     fs, path = storage.filesystem(cfg.dataset.manifest, cfg.storage)
     info = fs.get_file_info(path)
     digests["manifest file"] = _digest([info.size, info.mtime_ns])
     return digests
 
 
-def output_uri(cfg: RunConfig, stage: str) -> str:
-    """A file whose presence shows the stage's output is there."""
-    if stage.startswith("train-"):
-        return cfg.layout.record(stage.removeprefix("train-"))
-    if stage == "label":
-        return storage.join(cfg.layout.labels, shards.SUMMARY_FILE)
-    return storage.join(cfg.layout.report(), evaluate.RESULT_FILE)
-
-
-def previous_digests(cfg: RunConfig, stage: str) -> dict[str, str] | None:
+def previous_digests(stage: Stage) -> dict[str, str] | None:
     """The section digests of the stage's last finished run, if it ran and its output is there."""
-    uri = cfg.layout.marker(stage)
-    if not (
-        storage.exists(uri, cfg.storage) and storage.exists(output_uri(cfg, stage), cfg.storage)
-    ):
+    config = stage.cfg.storage
+    if not (storage.exists(stage.marker, config) and storage.exists(stage.output, config)):
         return None
-    return json.loads(storage.read_bytes(uri, cfg.storage))["sections"]
+    return json.loads(storage.read_bytes(stage.marker, config))["sections"]
+
+
+def _train(stage: Stage, log: Callable[[str], None]) -> None:
+    network = stage.kind.removeprefix("train-")
+    cfg = stage.cfg
+    if stage.round and storage.exists(stage.marker, cfg.storage):
+        # Trained before on inputs that changed since: Ray Train would resume the old training.
+        log(f"   its inputs changed: training the {network} afresh")
+        storage.remove_tree(storage.join(cfg.layout.checkpoints, network), cfg.storage)
+        storage.remove_tree(stage.marker, cfg.storage)
+    if network == "affinity":  # its backbone from the run's classifier (a round has none)
+        train_affinity.run(cfg, stage.records.get("classifier"), log=log)
+    elif network == "classifier":
+        train_classifier.run(cfg, log=log)
+    else:
+        train_segmentation.run(cfg, log=log)
 
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, str]:
     """Run the stages not yet done for `cfg`; returns what happened to each stage."""
     cfg.require_method("run")
     outcome: dict[str, str] = {}
-    relabel = False  # the shards were labelled with other settings: redo them
-    for stage in stage_sections(cfg):
+    for stage in stages(cfg):
         digests = section_digests(cfg, stage)
-        before = previous_digests(cfg, stage)
+        before = previous_digests(stage)
         # Once a stage ran, the later ones see new inputs and run too.
         if before == digests and all(o == "skipped" for o in outcome.values()):
-            log(f"== {stage}: already done for this configuration, skipped")
-            outcome[stage] = "skipped"
-            if stage == "evaluate":
-                result = json.loads(storage.read_bytes(output_uri(cfg, stage), cfg.storage))
+            log(f"== {stage.name}: already done for this configuration, skipped")
+            outcome[stage.name] = "skipped"
+            if stage.kind == "evaluate":
+                result = json.loads(storage.read_bytes(stage.output, cfg.storage))
                 log(evaluate.format_table(result["classes"], result["stages"]))
             continue
         changed = [s for s in digests if before is not None and before.get(s) != digests[s]]
-        if changed and stage.startswith("train-"):
+        if changed and stage.kind.startswith("train-") and not stage.round:
             raise ConfigError(
-                f"run {cfg.name!r} trained its {stage.removeprefix('train-')} with other "
+                f"run {cfg.name!r} trained its {stage.kind.removeprefix('train-')} with other "
                 f"settings ({', '.join(changed)} changed) and its checkpoints belong to them; "
                 "set a new `name` to train afresh (or restore the settings)"
             )
-        relabel = relabel or (stage == "label" and bool(changed))
-        log(f"== {stage}")
-        if stage.startswith("train-"):
-            TRAINERS[stage.removeprefix("train-")](cfg, log=log)
-        elif stage == "label":
-            label.run(cfg, force=relabel, log=log)
+        # The shards were labelled with other settings: redo them.
+        relabel = stage.kind == "label" and bool(changed)
+        log(f"== {stage.name}")
+        if stage.kind.startswith("train-"):
+            _train(stage, log)
+        elif stage.kind == "label":
+            label.run(stage.cfg, force=relabel, records=stage.records, log=log)
         else:
-            evaluate.run(cfg, log=log)
+            evaluate.run(stage.cfg, log=log)
         marker = {
-            "stage": stage,
+            "stage": stage.name,
             "sections": digests,
             "config_hash": cfg.hash(),
             "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        storage.write_bytes(
-            cfg.layout.marker(stage), json.dumps(marker, indent=2).encode(), cfg.storage
-        )
-        outcome[stage] = "relabelled" if relabel and stage == "label" else "done"
+        storage.write_bytes(stage.marker, json.dumps(marker, indent=2).encode(), cfg.storage)
+        outcome[stage.name] = "relabelled" if relabel else "done"
+    if cfg.iterate.rounds:
+        log("== rounds")
+        iterate.report(cfg, log)
     return outcome

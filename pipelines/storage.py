@@ -165,3 +165,14 @@ def local_copy(uri: str, config: StorageConfig, cache_dir: str | None = None) ->
             f.write(read_bytes(uri, config))
         os.replace(tmp, path)  # atomic: concurrent readers never see a partial file
     return path
+
+
+def remove_tree(uri: str, config: StorageConfig) -> None:
+    """Delete the file or folder (s3:// prefix) `uri` and everything under it; nothing when it
+    is not there."""
+    fs, path = filesystem(uri, config)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)

@@ -131,11 +131,14 @@ def synthetic_with_unreadable(folder: Path, n: int, seed: int, unreadable: tuple
     return manifest
 
 
-def tiny_networks(crop: int = 48, longest: int = 64) -> list[str]:
-    """Overrides for ResNet-18 classifier and AffinityNet trained one epoch on small crops."""
+def tiny_networks(
+    crop: int = 48, longest: int = 64, nets: tuple[str, ...] = ("classifier", "affinity")
+) -> list[str]:
+    """Overrides for ResNet-18 networks `nets` (classifier, AffinityNet, segmentation) trained
+    one epoch on small crops."""
     optim = {"algorithm": "adamw", "lr": 1e-3, "head_lr_mult": 1, "epochs": 1, "batch_size": 4}
     overrides = ["affinity.model.feature_stride=8"]
-    for net in ("classifier", "affinity"):
+    for net in nets:
         overrides += [
             f"{net}.model.backbone.library=torchvision",
             f"{net}.model.backbone.name=resnet18",

@@ -12,6 +12,7 @@ from conftest import tiny_networks, upload_dataset
 from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
+from pipelines.iterate import round_config
 from pipelines.run import run, stage_sections
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
@@ -25,6 +26,60 @@ def test_the_stages_follow_the_networks_and_refiners_of_the_method():
     assert list(crf_only) == ["train-classifier", "label", "evaluate"]
     # Without the walk, AffinityNet's settings do not shape the labels.
     assert "affinity" not in crf_only["label"] and "random_walk" not in crf_only["label"]
+    # Each iterate round trains the unary and the networks of the refiners, labels, evaluates;
+    # the round count is not among what a round depends on, so adding rounds keeps those done.
+    rounds = stage_sections(load_config(overrides=["iterate.rounds=2"]))
+    round_stages = ["train-segmentation", "train-affinity", "label", "evaluate"]
+    assert list(rounds) == [
+        *default,
+        *(f"round-{r}/{stage}" for r in (1, 2) for stage in round_stages),
+    ]
+    assert rounds["round-1/label"] == rounds["round-2/label"]
+    assert {"segmentation", "iterate.train_on", "iterate.confident"} <= set(rounds["round-1/label"])
+    assert not any(section.startswith("iterate") for section in rounds["label"])
+    assert "iterate.rounds" not in rounds["round-1/label"]
+
+
+def test_a_round_is_a_run_of_its_own_inside_the_run_trained_on_the_last_rounds_masks():
+    cfg = load_config(
+        overrides=[
+            "output=s3://b/runs",
+            "iterate.rounds=2",
+            "iterate.train_on=random_walk",
+            "label.keep_stages=true",
+        ]
+    )
+    first, second = round_config(cfg, 1), round_config(cfg, 2)
+    assert first.run_uri == "s3://b/runs/demo/round-1" == first.layout.labels
+    assert first.layout.record("affinity") == "s3://b/runs/demo/round-1/models/affinity.json"
+    assert first.label.model == "refined_segmentation" and first.iterate.rounds == 0
+    assert first.stages == ("segmentation", "random_walk", "crf")
+    # Round 1 trains on the run's shards, round 2 on round 1's, each on the walk's kept masks.
+    assert first.segmentation.labels == cfg.layout.labels == "s3://b/runs/demo"
+    assert second.segmentation.labels == "s3://b/runs/demo/round-1"
+    assert first.segmentation.labels_column == second.segmentation.labels_column == "mask_rw"
+    assert first.segmentation.train_on == "pseudo_labels"
+    # With the shards elsewhere, each round's go beside the run's.
+    moved = round_config(load_config(overrides=["iterate.rounds=1", "label.out=/data/l"]), 1)
+    assert moved.layout.labels == "/data/l/round-1"
+    assert moved.segmentation.labels == "/data/l" and moved.segmentation.labels_column == "mask"
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (["iterate.train_on=cam"], "iterate.train_on: 'cam' is neither final nor one of"),
+        (["iterate.rounds=1", "iterate.train_on=random_walk"], "label.keep_stages"),
+        (["iterate.rounds=1", "label.model=segmentation"], "iterate.rounds: .*label.model"),
+        (["iterate.rounds=-1"], "iterate.rounds"),
+        (["iterate.confident=1"], "iterate.confident"),
+    ],
+)
+def test_iterate_settings_are_checked_before_any_work(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=settings)
+    # The final stage's masks are always stored: training on them needs nothing kept.
+    assert load_config(overrides=["iterate.rounds=1", "iterate.train_on=crf"]).iterate.rounds
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +162,51 @@ def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp
         ConfigError, match="trained its classifier with other settings .*classifier"
     ):
         run(lr, **quiet)
+
+
+@pytest.mark.slow
+def test_an_iterate_round_writes_its_own_shard_set_and_a_second_run_skips_it(overrides):
+    cfg = load_config(
+        overrides=[
+            *overrides,
+            "name=iterate",
+            "iterate.rounds=1",
+            "iterate.train_on=random_walk",
+            "iterate.confident=0.6",
+            *tiny_networks(crop=48, longest=56, nets=("segmentation",)),
+        ]
+    )
+    quiet = {"log": lambda _: None}
+    round_stages = ["train-segmentation", "train-affinity", "label", "evaluate"]
+    assert run(cfg, **quiet) == dict.fromkeys(
+        ["train-classifier", "train-affinity", "label", "evaluate"]
+        + [f"round-1/{stage}" for stage in round_stages],
+        "done",
+    )
+    first = round_config(cfg, 1)
+
+    def read(uri: str) -> dict:
+        return json.loads(storage.read_bytes(uri, cfg.storage))
+
+    # The round's own networks, its segmentation network trained on the run's walk masks.
+    unary = read(first.layout.record("segmentation"))
+    assert unary["checkpoint_uri"].startswith(storage.join(first.run_uri, "train"))
+    affinity = read(first.layout.record("affinity"))
+    assert affinity["weights_sha256"] != read(cfg.layout.record("affinity"))["weights_sha256"]
+    # Its own shard set, labelled by the unary refined by the walk and the CRF; the run's
+    # shards stay the method's.
+    labelled = read(storage.join(first.layout.labels, "label_summary.json"))
+    assert labelled["method_stages"] == ["segmentation", "random_walk", "crf"]
+    assert labelled["labelled"] + labelled["errors"] == 8
+    method = read(storage.join(cfg.layout.labels, "label_summary.json"))
+    assert method["method_stages"] == ["cam", "random_walk", "crf"]
+    assert labelled["model_version"] != method["model_version"]
+    # Every round's mIoU per stage, in the run's folder.
+    report = read(storage.join(cfg.run_uri, "rounds.json"))
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert set(report["rounds"][0]["miou"]) == {"cam", "random_walk", "crf"}
+    assert set(report["rounds"][1]["miou"]) == {"segmentation", "random_walk", "crf"}
+    assert report["rounds"][1]["labels"] == first.layout.labels != cfg.layout.labels
+
+    # A second run finds every stage done, the round's too.
+    assert set(run(cfg, **quiet).values()) == {"skipped"}

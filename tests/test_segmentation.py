@@ -15,6 +15,7 @@ from conftest import SHARD_VERSION, write_label_shard
 
 from pipelines import evaluate, shards
 from pipelines.config import ConfigError, load_config
+from pipelines.inputs import load_manifest
 from pipelines.label import job as label
 from pipelines.model_record import load_network
 from pipelines.relabel import job as relabel
@@ -22,12 +23,14 @@ from pipelines.run import run as run_all
 from pipelines.train import segmentation as train_segmentation
 from wsss import synthetic
 from wsss.backbones import BackboneParams
-from wsss.imageio import IGNORE_INDEX, read_image, read_mask
+from wsss.imageio import IGNORE_INDEX, decode_mask, read_image, read_mask
 from wsss.metrics import ConfusionMatrix
+from wsss.refiners import Scores
 from wsss.segmentation import (
     SegmentationInferenceParams,
     SegmentationNet,
     SegmentationParams,
+    confident_label_map,
     segment,
     segmentation_step_loss,
 )
@@ -98,6 +101,31 @@ def test_settings_are_validated_naming_the_field():
     assert flipless.mask_settings() != cfg.mask_settings()
     with pytest.raises(ConfigError, match="label.model"):
         run_all(cfg)
+    # Refined: the network's probabilities, then the configured refiners and their networks.
+    refined = load_config(overrides=["label.model=refined_segmentation"])
+    assert refined.stages == ("segmentation", "random_walk", "crf")
+    assert refined.networks == ("segmentation", "affinity")
+    crf = load_config(overrides=["label.model=refined_segmentation", "crf.iterations=3"])
+    assert crf.mask_settings() != refined.mask_settings() != cfg.mask_settings()
+    with pytest.raises(ConfigError, match="segmentation.labels_column"):
+        load_config(overrides=["segmentation.labels_column=labels"])
+
+
+def test_affinity_labels_of_the_network_are_its_confident_pixels():
+    probs = np.array(
+        [[[0.95, 0.5, 0.05]], [[0.03, 0.45, 0.05]], [[0.02, 0.05, 0.9]]], dtype=np.float32
+    )
+    scores = Scores((0, 2, 5), probs, probabilities=True)
+    # Background sure, nobody sure, class 5 sure at 0.9 (not below the threshold).
+    assert confident_label_map(scores, (1, 3), 0.9).tolist() == [[0, IGNORE_INDEX, 5]]
+    assert confident_label_map(scores, (1, 3), 0.5).tolist() == [[0, 0, 5]]
+    # Scores on a coarser grid are brought to the image's size first.
+    coarse = Scores((0, 2, 5), probs, stride=2, probabilities=True)
+    upsampled = confident_label_map(coarse, (2, 6), 0.9)
+    assert upsampled.shape == (2, 6) and (upsampled[:, 0] == 0).all()
+    assert upsampled[0, -1] == 5 and IGNORE_INDEX in upsampled
+    with pytest.raises(ValueError, match="confident"):
+        confident_label_map(scores, (1, 3), 1.0)
 
 
 # --- the Ray Train job and labeling with its network -------------------------------------------
@@ -160,6 +188,30 @@ def test_training_on_the_shards_writes_a_record_and_counts_unreadable_rows(train
     assert record.metrics["pixel_accuracy"] > 0.8
     net = load_network(cfg.layout.record("segmentation"), cfg, "segmentation")
     assert isinstance(net, SegmentationNet) and net.n_classes == 3
+
+
+def test_training_rows_take_a_kept_stage_mask_or_name_the_missing_column(
+    ray_cluster, data_dir, tmp_path
+):
+    labels = tmp_path / "labels"
+    write_label_shard(labels, data_dir, predict=np.zeros_like)  # the walk's masks: background
+    shard = [f"segmentation.labels={labels}", f"segmentation.labels_version={SHARD_VERSION}"]
+    cfg = load_config(overrides=overrides(data_dir, tmp_path, *shard))
+    manifest = load_manifest(cfg)
+    final, n_final, _ = train_segmentation.training_rows(cfg, manifest)
+    walk_cfg = load_config(
+        overrides=overrides(data_dir, tmp_path, *shard, "segmentation.labels_column=mask_rw")
+    )
+    walk, n_walk, source = train_segmentation.training_rows(walk_cfg, manifest)
+    assert n_final == n_walk == N_IMAGES and "mask_rw masks" in source
+    assert walk.columns() == final.columns() == ["image_id", "image", "mask"]
+    assert all(not decode_mask(row["mask"]).any() for row in walk.take_all())
+    assert any(decode_mask(row["mask"]).any() for row in final.take_all())
+    missing = load_config(
+        overrides=overrides(data_dir, tmp_path, *shard, "segmentation.labels_column=mask_crf")
+    )
+    with pytest.raises(ConfigError, match="labels_column: .* no column 'mask_crf'"):
+        train_segmentation.training_rows(missing, manifest)
 
 
 @pytest.mark.slow

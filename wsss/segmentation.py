@@ -153,3 +153,16 @@ class SegmentationSeeds:
             raise ValueError("the segmentation network's stage takes no CAMs")
         scores = segment(self.model, image, labels, self.params)
         return scores, scores.mask(image.shape[:2])
+
+
+def confident_label_map(scores: Scores, size: tuple[int, int], confident: float) -> np.ndarray:
+    """Affinity label map uint8 (H, W) of a segmentation network's `scores` on an image of
+    `size`, as iterative affinity learning (Wang et al., IJCV 2020) trains its affinity network
+    from the unary: each pixel's most probable class where that probability is at least
+    `confident`, else ignored (255)."""
+    if not 0 < confident < 1:
+        raise ValueError(f"confident must be in (0, 1), got {confident}")
+    probs = scores.full_probabilities(size)
+    label_map = np.asarray(scores.channels, dtype=np.uint8)[probs.argmax(axis=0)]
+    label_map[probs.max(axis=0) < confident] = IGNORE_INDEX
+    return label_map

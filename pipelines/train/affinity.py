@@ -1,10 +1,13 @@
-"""`wsss train-affinity`: AffinityNet trained with Ray Train on labels from the classifier's CAMs.
+"""`wsss train-affinity`: AffinityNet trained with Ray Train on labels from labeling's seed stage:
+the classifier's CAMs (IRN), or, in the rounds of iterative affinity learning (label.model
+refined_segmentation, `pipelines.iterate`), a segmentation network's confident pixels.
 
-The affinity labels are a Ray Data stage: an actor pool loads the trained classifier from its
-model record once per actor and turns each decoded image into CAMs and an affinity label map
-(`wsss.affinity.affinity_label_map`). The labels are computed once per run and kept in Ray's
-object store (spilled to disk when larger than memory; only references reach the driver): CAMs
-at several scales cost far more than an epoch of AffinityNet training. Every epoch, Ray Data
+The affinity labels are a Ray Data stage: an actor pool loads the seed network from its model
+record once per actor and turns each decoded image into an affinity label map
+(`wsss.affinity.affinity_label_map` of the CAMs, `wsss.segmentation.confident_label_map`). The
+labels are computed once per run and kept in Ray's object store (spilled to disk when larger
+than memory; only references reach the driver): CAMs at several scales cost far more than an
+epoch of AffinityNet training. Every epoch, Ray Data
 tasks augment image and map jointly and stream the examples to the trainer. AffinityNet's
 backbone starts from the classifier's, as in `wsss run-local`.
 """
@@ -26,25 +29,37 @@ from pipelines.shards import ragged
 from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
 from wsss.cam import compute_cams
+from wsss.labeling import CamSeeds
 from wsss.networks import initial_network
+from wsss.segmentation import confident_label_map
 from wsss.training import default_device
 from wsss.transforms import AugmentParams
 
 
 class AffinityLabeler:
     """Ray Data actor: decoded rows -> {"image_id", "image", "label_map"}, the affinity label
-    map uint8 (H, W) of each image from the classifier's CAMs."""
+    map uint8 (H, W) of each image from the seed network of `seeds_record`
+    (`RunConfig.seed_network`)."""
 
-    def __init__(self, classifier_record: ModelRecord, cfg: RunConfig) -> None:
+    def __init__(self, seeds_record: ModelRecord, cfg: RunConfig) -> None:
         self.cfg = cfg
+        network = cfg.seed_network
         # The actor sees only the GPU Ray gave it (if any): default_device picks it.
-        self.model = load_network(classifier_record, cfg, "classifier").to(default_device())
+        model = load_network(seeds_record, cfg, network).to(default_device())
+        self.seeds = cfg.seed_stage({network: model})
+
+    def label_map(self, image: np.ndarray, labels: list[int]) -> np.ndarray:
+        if isinstance(self.seeds, CamSeeds):
+            cams = compute_cams(self.seeds.classifier, image, labels, self.cfg.cam)
+            return affinity_label_map(cams, labels, self.cfg.affinity.labels, image)
+        scores, _ = self.seeds.seed(image, sorted(set(labels)))
+        return confident_label_map(scores, image.shape[:2], self.cfg.iterate.confident)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        label_maps = []
-        for image, labels in zip(batch["image"], batch["labels"], strict=True):
-            cams = compute_cams(self.model, image, labels, self.cfg.cam)
-            label_maps.append(affinity_label_map(cams, labels, self.cfg.affinity.labels, image))
+        label_maps = [
+            self.label_map(image, [int(c) for c in labels])
+            for image, labels in zip(batch["image"], batch["labels"], strict=True)
+        ]
         return {
             "image_id": batch["image_id"],
             "image": batch["image"],
@@ -66,15 +81,15 @@ def affinity_examples(
 
 
 def affinity_label_dataset(
-    manifest: Manifest, cfg: RunConfig, classifier_record: ModelRecord, skipped
+    manifest: Manifest, cfg: RunConfig, seeds_record: ModelRecord, skipped
 ) -> ray.data.Dataset:
     """The manifest's images with their affinity label maps, computed by an actor pool of
-    `ray.model_actors` classifiers (each with `ray.cpus_per_actor` CPUs, and
+    `ray.model_actors` seed networks (each with `ray.cpus_per_actor` CPUs, and
     `ray.gpus_per_actor` GPUs when `ray.use_gpu`)."""
     r = cfg.ray
     return image_dataset(manifest, cfg, skipped).map_batches(
         AffinityLabeler,
-        fn_constructor_kwargs={"classifier_record": classifier_record, "cfg": cfg},
+        fn_constructor_kwargs={"seeds_record": seeds_record, "cfg": cfg},
         compute=ray.data.ActorPoolStrategy(size=r.model_actors),
         num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor if r.use_gpu else 0,
@@ -94,21 +109,25 @@ def initial_affinity_net(classifier_record: ModelRecord, cfg: RunConfig) -> Affi
 def run(
     cfg: RunConfig, classifier_record: str | None = None, log: Callable[[str], None] = print
 ) -> ModelRecord:
-    """Train the AffinityNet of `cfg` on Ray from the classifier of `classifier_record` (default:
-    this run's), resuming the run's last checkpoint if any, and write its model record."""
+    """Train the AffinityNet of `cfg` on Ray, its backbone from the classifier of
+    `classifier_record` (default: this run's), its labels from labeling's seed network (that
+    classifier, or this run's segmentation network: `RunConfig.seed_network`), resuming the
+    run's last checkpoint if any, and write its model record."""
     connect(cfg)
     check_cluster(cfg, model_actors=True)
-    classifier_record = classifier_record or cfg.layout.record("classifier")
-    classifier = read_record(classifier_record, cfg)
+    uris = {"classifier": classifier_record or cfg.layout.record("classifier")}
+    uris.setdefault(cfg.seed_network, cfg.layout.record(cfg.seed_network))
     manifest = load_manifest(cfg)
-    if classifier.classes != manifest.classes:
-        raise ConfigError(
-            f"the classifier of {classifier_record} knows the classes {classifier.classes}, "
-            f"the manifest {cfg.dataset.manifest} has {manifest.classes}"
-        )
-    # The record read here, not its URI, goes to the actors and workers: one classifier for the
-    # whole job even if the record is replaced while it runs.
-    build_model = partial(initial_affinity_net, classifier, cfg)
+    # The records read here, not their URIs, go to the actors and workers: one network each for
+    # the whole job even if a record is replaced while it runs.
+    records = {name: read_record(uri, cfg) for name, uri in uris.items()}
+    for name, record in records.items():
+        if record.classes != manifest.classes:
+            raise ConfigError(
+                f"the {name} of {uris[name]} knows the classes {record.classes}, "
+                f"the manifest {cfg.dataset.manifest} has {manifest.classes}"
+            )
+    build_model = partial(initial_affinity_net, records["classifier"], cfg)
     job = new_job(
         "affinity",
         cfg,
@@ -118,7 +137,8 @@ def run(
         build_model,
         affinity_step_loss,
     )
-    labelled = affinity_label_dataset(manifest, cfg, classifier, job.skipped).materialize()
+    seeds = records[cfg.seed_network]
+    labelled = affinity_label_dataset(manifest, cfg, seeds, job.skipped).materialize()
     dataset = labelled.map_batches(
         affinity_examples,
         fn_kwargs={

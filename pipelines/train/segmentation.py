@@ -16,6 +16,7 @@ from functools import partial
 
 import numpy as np
 import ray
+from ray.data.expressions import col
 
 from pipelines import shards
 from pipelines.config import ConfigError, RunConfig
@@ -74,12 +75,26 @@ def training_rows(cfg: RunConfig, manifest: Manifest) -> tuple[ray.data.Dataset,
             f"segmentation.labels: the shards under {labels} know the classes {classes}, the "
             f"manifest {cfg.dataset.manifest} has {manifest.classes}"
         )
+    column = cfg.segmentation.labels_column
     # The version resolved once: a labeling run finishing meanwhile changes nothing here.
-    rows = shards.read_shard_rows(
-        labels, cfg.storage, shards.LABELS, version, ["image_id", "image", "mask"]
-    )
+    rows = shards.read_shard_rows(labels, cfg.storage, shards.LABELS, version)
+    if column not in rows.columns():
+        raise ConfigError(
+            f"segmentation.labels_column: the shards under {labels} have no column {column!r}"
+        )
+    rows = rows.select_columns(["image_id", "image", column])
+    if column != shards.FINAL_COLUMN:
+        # A stage's mask is stored only when its labeling kept the stages (label.keep_stages).
+        rows = rows.filter(expr=col(column).is_not_null())
+        rows = rows.rename_columns({column: "mask"})
     n_rows = rows.count()
-    return rows, n_rows, f"{n_rows} pseudo-labels of {labels} (model version {version})"
+    if not n_rows and column != shards.FINAL_COLUMN:
+        raise ConfigError(
+            f"segmentation.labels_column: no shard row under {labels} (model version {version}) "
+            f"holds a {column!r} mask; label with label.keep_stages: true"
+        )
+    masks = "pseudo-labels" if column == shards.FINAL_COLUMN else f"{column} masks"
+    return rows, n_rows, f"{n_rows} {masks} of {labels} (model version {version})"
 
 
 def initial_segmentation_net(n_classes: int, cfg: RunConfig) -> SegmentationNet:
