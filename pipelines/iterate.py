@@ -12,8 +12,9 @@ own, `round-<r>` inside the run's folder, whose configuration `round_config` der
   refined_segmentation), into the round's own shard set;
 - evaluate.
 Each round keeps its model records, checkpoints, stage markers, shard set and evaluation in
-`<run>/round-<r>/` (its shards in `<label.out>/round-<r>/` when label.out is set);
-`<run>/rounds.json` holds every round's mIoU per stage. `pipelines.run` runs and skips the
+`<run>/round-<r>/` (its shards in `<label.out>/round-<r>/` when label.out is set, its
+evaluation in `<evaluate.out>/round-<r>/` when that is); `rounds.json` beside the run's own
+evaluation holds every round's mIoU per stage. `pipelines.run` runs and skips the
 rounds' stages as it does the run's own.
 """
 
@@ -76,8 +77,8 @@ def inherited_records(cfg: RunConfig) -> dict[str, str]:
 
 
 def report(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
-    """Gather each round's evaluation (round 0: the run's) into `<run>/rounds.json`, print the
-    mIoU of every stage per round and return the report."""
+    """Gather each round's evaluation (round 0: the run's) into `rounds.json` beside the run's
+    evaluation, print the mIoU of every stage per round and return the report."""
     rounds = []
     for r in range(cfg.iterate.rounds + 1):
         round_cfg = cfg if r == 0 else round_config(cfg, r)
@@ -93,7 +94,7 @@ def report(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
         )
     summary = {"train_on": cfg.iterate.train_on, "confident": cfg.iterate.confident}
     summary["rounds"] = rounds
-    uri = storage.join(cfg.run_uri, ROUNDS_FILE)
+    uri = storage.join(cfg.layout.report(), ROUNDS_FILE)
     storage.write_bytes(uri, json.dumps(summary, indent=2).encode(), cfg.storage)
     log(format_rounds(rounds))
     log(f"mIoU per round in {uri}")

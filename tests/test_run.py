@@ -166,16 +166,15 @@ def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp
 
 @pytest.mark.slow
 def test_an_iterate_round_writes_its_own_shard_set_and_a_second_run_skips_it(overrides):
-    cfg = load_config(
-        overrides=[
-            *overrides,
-            "name=iterate",
-            "iterate.rounds=1",
-            "iterate.train_on=random_walk",
-            "iterate.confident=0.6",
-            *tiny_networks(crop=48, longest=56, nets=("segmentation",)),
-        ]
-    )
+    settings = [
+        *overrides,
+        "name=iterate",
+        "iterate.rounds=1",
+        "iterate.train_on=random_walk",
+        "iterate.confident=0.6",
+        *tiny_networks(crop=48, longest=56, nets=("segmentation",)),
+    ]
+    cfg = load_config(overrides=settings)
     quiet = {"log": lambda _: None}
     round_stages = ["train-segmentation", "train-affinity", "label", "evaluate"]
     assert run(cfg, **quiet) == dict.fromkeys(
@@ -210,3 +209,12 @@ def test_an_iterate_round_writes_its_own_shard_set_and_a_second_run_skips_it(ove
 
     # A second run finds every stage done, the round's too.
     assert set(run(cfg, **quiet).values()) == {"skipped"}
+
+    # The CRF changed: the run's shards are relabelled, so the round's networks learn afresh
+    # from them (Ray Train would otherwise resume the finished training) and it labels again.
+    crf = load_config(overrides=[*settings, "crf.iterations=2"])
+    again = run(crf, **quiet)
+    assert again["train-affinity"] == "skipped" and again["label"] == "relabelled"
+    assert all(again[f"round-1/{stage}"] == "done" for stage in round_stages)
+    retrained = read(first.layout.record("segmentation"))
+    assert retrained["epochs"] == 1 and retrained["weights_sha256"] != unary["weights_sha256"]
