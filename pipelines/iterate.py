@@ -102,8 +102,10 @@ def report(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def format_rounds(rounds: list[dict]) -> str:
-    """A markdown table: a row per round, a column per stage of any round (mIoU, %)."""
-    stages = list(dict.fromkeys(stage for r in rounds for stage in r["miou"]))
+    """A markdown table: a row per round, a column per stage of any round (mIoU, %), the seed
+    stages (the CAMs, the segmentation network) first."""
+    seeds = [next(iter(r["miou"])) for r in rounds if r["miou"]]
+    stages = list(dict.fromkeys([*seeds, *(stage for r in rounds for stage in r["miou"])]))
     lines = [
         "| round | " + " | ".join(stages) + " |",
         "|---|" + "---|" * len(stages),

@@ -68,6 +68,8 @@ def stages(cfg: RunConfig) -> list[Stage]:
     planned = [Stage("train-classifier", cfg, ("seed", "dataset", "classifier"))]
     planned += [Stage(f"train-{name}", cfg, method) for name in trains]
     planned += [Stage("label", cfg, labeling), Stage("evaluate", cfg, (*labeling, "evaluate"))]
+    if not cfg.iterate.rounds:
+        return planned
     rounds = tuple(dict.fromkeys((*labeling, *iterate.SECTIONS)))
     kinds = [*(f"train-{name}" for name in iterate.trained_networks(cfg)), "label", "evaluate"]
     for r in range(1, cfg.iterate.rounds + 1):

@@ -12,7 +12,7 @@ from conftest import tiny_networks, upload_dataset
 from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
-from pipelines.iterate import round_config
+from pipelines.iterate import format_rounds, round_config
 from pipelines.run import run, stage_sections
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
@@ -63,6 +63,21 @@ def test_a_round_is_a_run_of_its_own_inside_the_run_trained_on_the_last_rounds_m
     moved = round_config(load_config(overrides=["iterate.rounds=1", "label.out=/data/l"]), 1)
     assert moved.layout.labels == "/data/l/round-1"
     assert moved.segmentation.labels == "/data/l" and moved.segmentation.labels_column == "mask"
+
+
+def test_the_rounds_table_puts_the_seed_stages_first_and_leaves_missing_stages_blank():
+    table = format_rounds(
+        [
+            {"round": 0, "miou": {"cam": 0.466, "random_walk": 0.445, "crf": 0.637}},
+            {"round": 1, "miou": {"segmentation": 0.577, "random_walk": 0.616, "crf": None}},
+        ]
+    )
+    assert table.splitlines() == [
+        "| round | cam | segmentation | random_walk | crf |",
+        "|---|---|---|---|---|",
+        "| 0 | 46.6 |  | 44.5 | 63.7 |",
+        "| 1 |  | 57.7 | 61.6 |  |",
+    ]
 
 
 @pytest.mark.parametrize(
