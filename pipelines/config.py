@@ -414,8 +414,8 @@ class RunSettings(Section):
             seeds = {"cam": data["cam"]}
         else:
             seeds = {"segmentation": data["segmentation"]["inference"]}
-        chain = {name: data[name] for name in ("refiners", *self.refiners)}
-        refined = chain if self.labeling_refiners else {}
+        chain = {name: data[name] for name in ("refiners", *self.labeling_refiners)}
+        refined = chain if self.label.model != "segmentation" else {}
         return _digest(seeds | refined | {"pseudo_label": data["pseudo_label"]})
 
     def for_labeling(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import SHARD_VERSION, write_label_shard
 
 from pipelines import evaluate, shards
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, _digest, load_config
 from pipelines.inputs import load_manifest
 from pipelines.label import job as label
 from pipelines.model_record import load_network
@@ -107,6 +107,12 @@ def test_settings_are_validated_naming_the_field():
     assert refined.networks == ("segmentation", "affinity")
     crf = load_config(overrides=["label.model=refined_segmentation", "crf.iterations=3"])
     assert crf.mask_settings() != refined.mask_settings() != cfg.mask_settings()
+    # The method's digest is the one its rows were keyed by before the segmentation modes
+    # existed (what shapes a mask: the CAMs, the refiners and theirs, the pseudo-label rule).
+    for method in (load_config(), load_config(overrides=["refiners=[]"])):
+        data = method.model_dump(mode="json")
+        shaping = ("cam", "refiners", *method.refiners, "pseudo_label")
+        assert method.mask_settings() == _digest({name: data[name] for name in shaping})
     with pytest.raises(ConfigError, match="segmentation.labels_column"):
         load_config(overrides=["segmentation.labels_column=labels"])
 
