@@ -473,18 +473,21 @@ class RunSettings(Section):
         needed = networks_needed(self.labeling_refiners)
         return tuple(dict.fromkeys((self.seed_network, *needed)))
 
-    def seed_stage(self, networks: dict[str, nn.Module]) -> SeedStage:
-        """Labeling's first stage with its trained network from `networks` (by name)."""
-        if self.seed_network == "classifier":
-            return CamSeeds(networks.get("classifier"), self.cam)
-        return SegmentationSeeds(networks.get("segmentation"), self.segmentation.inference)
+    @property
+    def affinity_teacher(self) -> str:
+        """The network whose seeds AffinityNet learns from: the classifier's CAMs (IRN), or in
+        an iterate round (label.model refined_segmentation) the segmentation network's."""
+        return "segmentation" if self.label.model == "refined_segmentation" else "classifier"
 
     def labeler(self, networks: dict[str, nn.Module]) -> Labeler:
         """The configured labeling with these trained networks (by name, as `networks`; a part
         of a job may pass only those its part needs)."""
+        if self.seed_network == "classifier":
+            seeds: SeedStage = CamSeeds(networks.get("classifier"), self.cam)
+        else:
+            seeds = SegmentationSeeds(networks.get("segmentation"), self.segmentation.inference)
         params = [(name, getattr(self, name)) for name in self.labeling_refiners]
-        refiners = build_refiners(params, networks)
-        return Labeler(self.seed_stage(networks), refiners, self.pseudo_label)
+        return Labeler(seeds, build_refiners(params, networks), self.pseudo_label)
 
 
 # One section per registered refiner, named by it, so a new refiner's settings appear here

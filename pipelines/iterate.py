@@ -28,9 +28,17 @@ from pipelines.config import RunConfig
 
 ROUNDS_FILE = "rounds.json"
 
-# What the rounds' stages depend on beyond the method's labeling (`pipelines.run`): the round
-# count is not among them, so adding rounds keeps the rounds done.
-SECTIONS = ("segmentation", "iterate.train_on", "iterate.confident")
+# What the rounds' stages depend on beyond the method's labeling (`pipelines.run`): the unary's
+# training, then, for every later stage, its inference and the affinity labels' threshold too.
+# Neither holds the round count (adding rounds keeps the rounds done) nor the segmentation
+# settings a round derives (`round_config`).
+UNARY_SECTIONS = (
+    "iterate.train_on",
+    "segmentation.model",
+    "segmentation.augment",
+    "segmentation.optim",
+)
+SECTIONS = (*UNARY_SECTIONS, "segmentation.inference", "iterate.confident")
 
 
 def round_name(r: int) -> str:

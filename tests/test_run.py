@@ -13,7 +13,7 @@ from pipelines import storage
 from pipelines.cli import main
 from pipelines.config import ConfigError, load_config
 from pipelines.iterate import format_rounds, round_config
-from pipelines.run import run, stage_sections
+from pipelines.run import TRAINERS, _train, run, stage_sections, stages
 from wsss import synthetic
 from wsss.synthetic import SyntheticParams
 
@@ -35,7 +35,14 @@ def test_the_stages_follow_the_networks_and_refiners_of_the_method():
         *(f"round-{r}/{stage}" for r in (1, 2) for stage in round_stages),
     ]
     assert rounds["round-1/label"] == rounds["round-2/label"]
-    assert {"segmentation", "iterate.train_on", "iterate.confident"} <= set(rounds["round-1/label"])
+    assert {"segmentation.inference", "iterate.train_on", "iterate.confident"} <= set(
+        rounds["round-1/label"]
+    )
+    # The unary's training does not read the affinity labels' threshold nor its own inference;
+    # the segmentation settings a round derives (what it trains on) are no one's.
+    unary = rounds["round-1/train-segmentation"]
+    assert "iterate.confident" not in unary and "segmentation.inference" not in unary
+    assert "segmentation.optim" in unary and "segmentation" not in unary
     assert not any(section.startswith("iterate") for section in rounds["label"])
     assert "iterate.rounds" not in rounds["round-1/label"]
 
@@ -78,6 +85,31 @@ def test_the_rounds_table_puts_the_seed_stages_first_and_leaves_missing_stages_b
         "| 0 | 46.6 |  | 44.5 | 63.7 |",
         "| 1 |  | 57.7 | 61.6 |  |",
     ]
+
+
+def test_a_rounds_training_resumes_only_on_the_inputs_it_started_with(tmp_path, monkeypatch):
+    cfg = load_config(overrides=[f"output={tmp_path}", "iterate.rounds=1"])
+    unary = next(stage for stage in stages(cfg) if stage.name == "round-1/train-segmentation")
+    trained = []
+    monkeypatch.setitem(TRAINERS, "segmentation", lambda cfg, log: trained.append(cfg.name))
+    checkpoint = Path(unary.cfg.layout.checkpoints) / "segmentation" / "epoch_0000" / "weights"
+    started = {"sections": {"segmentation.optim": "a"}, "inputs": {"label": {"finished_at": "1"}}}
+
+    def train(fingerprint: dict) -> bool:
+        """Train; whether the checkpoint of the training before is still there to resume."""
+        _train(unary, fingerprint, log=lambda _: None)
+        return checkpoint.exists()
+
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"epoch 0")
+    assert train(started)  # killed part-way, started again on the same inputs: resumed
+    relabelled = {**started, "inputs": {"label": {"finished_at": "2"}}}
+    assert not train(relabelled)  # the shards it trains on were made anew: afresh
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"epoch 0")
+    Path(unary.marker).write_text("{}")  # finished before: running again means afresh
+    assert not train(relabelled) and not Path(unary.marker).exists()
+    assert trained == ["round-1"] * 3
 
 
 @pytest.mark.parametrize(
@@ -224,6 +256,12 @@ def test_an_iterate_round_writes_its_own_shard_set_and_a_second_run_skips_it(ove
 
     # A second run finds every stage done, the round's too.
     assert set(run(cfg, **quiet).values()) == {"skipped"}
+    # Another gallery: only the evaluations run again; the rounds read no evaluation.
+    gallery = load_config(overrides=[*settings, "evaluate.gallery_images=1"])
+    assert [name for name, what in run(gallery, **quiet).items() if what != "skipped"] == [
+        "evaluate",
+        "round-1/evaluate",
+    ]
 
     # The CRF changed: the run's shards are relabelled, so the round's networks learn afresh
     # from them (Ray Train would otherwise resume the finished training) and it labels again.

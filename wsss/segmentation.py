@@ -29,6 +29,7 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 from wsss.backbones import BackboneParams, backbone_from_params
 from wsss.imageio import IGNORE_INDEX
 from wsss.params import Params
+from wsss.pseudo_label import PseudoLabelParams, finalize
 from wsss.refiners import Scores
 from wsss.training import Batch
 from wsss.transforms import AugmentParams, augment, normalize
@@ -158,11 +159,9 @@ class SegmentationSeeds:
 def confident_label_map(scores: Scores, size: tuple[int, int], confident: float) -> np.ndarray:
     """Affinity label map uint8 (H, W) of a segmentation network's `scores` on an image of
     `size`, as iterative affinity learning (Wang et al., IJCV 2020) trains its affinity network
-    from the unary: each pixel's most probable class where that probability is at least
-    `confident`, else ignored (255)."""
+    from the unary: the pseudo-label thresholded at `confident`, each pixel its most probable
+    class where that probability is at least `confident`, else ignored (255)."""
     if not 0 < confident < 1:
         raise ValueError(f"confident must be in (0, 1), got {confident}")
     probs = scores.full_probabilities(size)
-    label_map = np.asarray(scores.channels, dtype=np.uint8)[probs.argmax(axis=0)]
-    label_map[probs.max(axis=0) < confident] = IGNORE_INDEX
-    return label_map
+    return finalize(probs, scores.channels, PseudoLabelParams(confidence_threshold=confident))[0]

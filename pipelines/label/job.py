@@ -276,7 +276,7 @@ def models(cfg: RunConfig, records: dict[str, str | None] | None = None) -> Mode
 
 
 def model_version(records: dict[str, ModelRecord]) -> str:
-    """Content hash of the checkpoints a labeling uses (the classifier's first)."""
+    """Content hash of the checkpoints a labeling uses (the seed stage's network first)."""
     digest = hashlib.sha256(":".join(r.weights_sha256 for r in records.values()).encode())
     return digest.hexdigest()[:16]
 

@@ -1,15 +1,16 @@
-"""`wsss train-affinity`: AffinityNet trained with Ray Train on labels from labeling's seed stage:
-the classifier's CAMs (IRN), or, in the rounds of iterative affinity learning (label.model
-refined_segmentation, `pipelines.iterate`), a segmentation network's confident pixels.
+"""`wsss train-affinity`: AffinityNet trained with Ray Train on labels from a teacher network
+(`RunConfig.affinity_teacher`): the classifier's CAMs (IRN), or, in the rounds of iterative
+affinity learning (label.model refined_segmentation, `pipelines.iterate`), a segmentation
+network's confident pixels.
 
-The affinity labels are a Ray Data stage: an actor pool loads the seed network from its model
-record once per actor and turns each decoded image into an affinity label map
+The affinity labels are a Ray Data stage: an actor pool loads the teacher from its model record
+once per actor and turns each decoded image into an affinity label map
 (`wsss.affinity.affinity_label_map` of the CAMs, `wsss.segmentation.confident_label_map`). The
 labels are computed once per run and kept in Ray's object store (spilled to disk when larger
 than memory; only references reach the driver): CAMs at several scales cost far more than an
-epoch of AffinityNet training. Every epoch, Ray Data
-tasks augment image and map jointly and stream the examples to the trainer. AffinityNet's
-backbone starts from the classifier's, as in `wsss run-local`.
+epoch of AffinityNet training. Every epoch, Ray Data tasks augment image and map jointly and
+stream the examples to the trainer. AffinityNet's backbone starts from the classifier's, as in
+`wsss run-local`.
 """
 
 from __future__ import annotations
@@ -29,30 +30,28 @@ from pipelines.shards import ragged
 from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
 from wsss.cam import compute_cams
-from wsss.labeling import CamSeeds
 from wsss.networks import initial_network
-from wsss.segmentation import confident_label_map
+from wsss.segmentation import confident_label_map, segment
 from wsss.training import default_device
 from wsss.transforms import AugmentParams
 
 
 class AffinityLabeler:
     """Ray Data actor: decoded rows -> {"image_id", "image", "label_map"}, the affinity label
-    map uint8 (H, W) of each image from the seed network of `seeds_record`
-    (`RunConfig.seed_network`)."""
+    map uint8 (H, W) of each image from the network of `teacher_record`
+    (`RunConfig.affinity_teacher`)."""
 
-    def __init__(self, seeds_record: ModelRecord, cfg: RunConfig) -> None:
+    def __init__(self, teacher_record: ModelRecord, cfg: RunConfig) -> None:
         self.cfg = cfg
-        network = cfg.seed_network
+        self.teacher = cfg.affinity_teacher
         # The actor sees only the GPU Ray gave it (if any): default_device picks it.
-        model = load_network(seeds_record, cfg, network).to(default_device())
-        self.seeds = cfg.seed_stage({network: model})
+        self.model = load_network(teacher_record, cfg, self.teacher).to(default_device())
 
     def label_map(self, image: np.ndarray, labels: list[int]) -> np.ndarray:
-        if isinstance(self.seeds, CamSeeds):
-            cams = compute_cams(self.seeds.classifier, image, labels, self.cfg.cam)
+        if self.teacher == "classifier":
+            cams = compute_cams(self.model, image, labels, self.cfg.cam)
             return affinity_label_map(cams, labels, self.cfg.affinity.labels, image)
-        scores, _ = self.seeds.seed(image, sorted(set(labels)))
+        scores = segment(self.model, image, labels, self.cfg.segmentation.inference)
         return confident_label_map(scores, image.shape[:2], self.cfg.iterate.confident)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -81,15 +80,15 @@ def affinity_examples(
 
 
 def affinity_label_dataset(
-    manifest: Manifest, cfg: RunConfig, seeds_record: ModelRecord, skipped
+    manifest: Manifest, cfg: RunConfig, teacher_record: ModelRecord, skipped
 ) -> ray.data.Dataset:
     """The manifest's images with their affinity label maps, computed by an actor pool of
-    `ray.model_actors` seed networks (each with `ray.cpus_per_actor` CPUs, and
+    `ray.model_actors` teacher networks (each with `ray.cpus_per_actor` CPUs, and
     `ray.gpus_per_actor` GPUs when `ray.use_gpu`)."""
     r = cfg.ray
     return image_dataset(manifest, cfg, skipped).map_batches(
         AffinityLabeler,
-        fn_constructor_kwargs={"seeds_record": seeds_record, "cfg": cfg},
+        fn_constructor_kwargs={"teacher_record": teacher_record, "cfg": cfg},
         compute=ray.data.ActorPoolStrategy(size=r.model_actors),
         num_cpus=r.cpus_per_actor,
         num_gpus=r.gpus_per_actor if r.use_gpu else 0,
@@ -110,13 +109,13 @@ def run(
     cfg: RunConfig, classifier_record: str | None = None, log: Callable[[str], None] = print
 ) -> ModelRecord:
     """Train the AffinityNet of `cfg` on Ray, its backbone from the classifier of
-    `classifier_record` (default: this run's), its labels from labeling's seed network (that
-    classifier, or this run's segmentation network: `RunConfig.seed_network`), resuming the
+    `classifier_record` (default: this run's), its labels from that classifier's CAMs or, in an
+    iterate round, this run's segmentation network (`RunConfig.affinity_teacher`), resuming the
     run's last checkpoint if any, and write its model record."""
     connect(cfg)
     check_cluster(cfg, model_actors=True)
     uris = {"classifier": classifier_record or cfg.layout.record("classifier")}
-    uris.setdefault(cfg.seed_network, cfg.layout.record(cfg.seed_network))
+    uris.setdefault(cfg.affinity_teacher, cfg.layout.record(cfg.affinity_teacher))
     manifest = load_manifest(cfg)
     # The records read here, not their URIs, go to the actors and workers: one network each for
     # the whole job even if a record is replaced while it runs.
@@ -137,8 +136,8 @@ def run(
         build_model,
         affinity_step_loss,
     )
-    seeds = records[cfg.seed_network]
-    labelled = affinity_label_dataset(manifest, cfg, seeds, job.skipped).materialize()
+    teacher = records[cfg.affinity_teacher]
+    labelled = affinity_label_dataset(manifest, cfg, teacher, job.skipped).materialize()
     dataset = labelled.map_batches(
         affinity_examples,
         fn_kwargs={

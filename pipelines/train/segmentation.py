@@ -77,12 +77,13 @@ def training_rows(cfg: RunConfig, manifest: Manifest) -> tuple[ray.data.Dataset,
         )
     column = cfg.segmentation.labels_column
     # The version resolved once: a labeling run finishing meanwhile changes nothing here.
-    rows = shards.read_shard_rows(labels, cfg.storage, shards.LABELS, version)
+    rows = shards.read_shard_rows(
+        labels, cfg.storage, shards.LABELS, version, ["image_id", "image"], [column]
+    )
     if column not in rows.columns():
         raise ConfigError(
             f"segmentation.labels_column: the shards under {labels} have no column {column!r}"
         )
-    rows = rows.select_columns(["image_id", "image", column])
     if column != shards.FINAL_COLUMN:
         # A stage's mask is stored only when its labeling kept the stages (label.keep_stages).
         rows = rows.filter(expr=col(column).is_not_null())
