@@ -74,13 +74,14 @@ def test_a_stale_lease_is_taken_over_and_said_so_a_renewed_one_is_not(out):
     }
     storage.write_bytes(storage.join(uri, LEASE_FILE), json.dumps(gone).encode(), config)
     said: list[str] = []
-    taker = Lease(uri, config, "run-1", "wsss label", timeout_s=0.4, log=said.append)
+    taker = Lease(uri, config, "run-1", "wsss label", timeout_s=2.0, log=said.append)
     taker.acquire()
     assert said and "took over the lease" in said[0] and "from run-0 on lost-node" in said[0]
-    # Renewed every timeout / 4: never stale while its holder runs.
-    time.sleep(1.0)
+    # Renewed every timeout / 4: never stale while its holder runs, past its timeout too. (At
+    # 0.4 s a loaded 2-core machine once delayed a renewal past the timeout.)
+    time.sleep(3.0)
     with pytest.raises(LeaseHeld):
-        Lease(uri, config, "run-2", "wsss label", 0.4, lambda _: None).acquire()
+        Lease(uri, config, "run-2", "wsss label", 2.0, lambda _: None).acquire()
     assert not taker.lost
     taker.release()
 
