@@ -3,8 +3,8 @@ the method as `wsss run-local` runs it (classifier, CAMs, AffinityNet, walk, CRF
 round trains the segmentation network (the unary, `wsss.segmentation`) on the last round's
 final masks, takes its confident pixels (probability >= --confident) as the affinity labels of
 a new AffinityNet (its backbone from the classifier's), and refines the unary's probabilities
-with the configured refiners on the new affinities (`wsss.labeling` with the segmentation
-network as the seed stage): the round's pseudo-labels. mIoU of every stage of every round on the
+with the configured refiners on the new affinities (`RunConfig.labeler` with label.model
+refined_segmentation): the round's pseudo-labels. mIoU of every stage of every round on the
 same images, in process, seeded.
 
 `wsss run` with `iterate.rounds` runs the same rounds as Ray jobs (`pipelines.iterate`); this
@@ -45,11 +45,10 @@ from wsss.cam import compute_cams
 from wsss.labeling import Labeler
 from wsss.metrics import ConfusionMatrix
 from wsss.networks import initial_network
-from wsss.refiners import build_refiners
 from wsss.segmentation import (
     SegmentationNet,
-    SegmentationSeeds,
     confident_label_map,
+    segment,
     segmentation_example,
     segmentation_step_loss,
 )
@@ -130,19 +129,24 @@ def main() -> None:
     rounds.append(stages)
     seconds.append(round(time.perf_counter() - started, 1))
     print(f"\nround 0 ({seconds[-1]} s)\n" + format_table(manifest.classes, stages))
+    # A round labels as `wsss run`'s rounds do: the network's probabilities, then the refiners.
+    refined = cfg.model_copy(
+        update={"label": cfg.label.model_copy(update={"model": "refined_segmentation"})}
+    )
     for r in range(1, args.rounds + 1):
         started = time.perf_counter()
         unary = train_unary(cfg, examples, masks, n_classes, device)
-        seeds = SegmentationSeeds(unary, cfg.segmentation.inference)
         label_maps = [
-            confident_label_map(seeds.seed(e.image, e.labels)[0], e.image.shape[:2], args.confident)
+            confident_label_map(
+                segment(unary, e.image, e.labels, cfg.segmentation.inference),
+                e.image.shape[:2],
+                args.confident,
+            )
             for e in examples
         ]
         affinity = fit_affinity_net(cfg, examples, label_maps, classifier, device, log)
-        refiners = build_refiners(
-            [(name, getattr(cfg, name)) for name in cfg.refiners], {"affinity": affinity}
-        )
-        labeler = Labeler(seeds, refiners, cfg.pseudo_label)
+        networks = {"classifier": classifier, "segmentation": unary, "affinity": affinity}
+        labeler = refined.labeler(networks)
         stages, masks = score(labeler, examples, n_classes + 1, args.train_on)
         ignored = float(np.mean([(m == 255).mean() for m in label_maps]))
         stages["affinity labels: ignored share"] = round(ignored, 3)

@@ -100,8 +100,11 @@ def report(cfg: RunConfig, log: Callable[[str], None] = print) -> dict:
                 "miou": {stage: s["miou"] for stage, s in result["stages"].items()},
             }
         )
-    summary = {"train_on": cfg.iterate.train_on, "confident": cfg.iterate.confident}
-    summary["rounds"] = rounds
+    summary = {
+        "train_on": cfg.iterate.train_on,
+        "confident": cfg.iterate.confident,
+        "rounds": rounds,
+    }
     uri = storage.join(cfg.layout.report(), ROUNDS_FILE)
     storage.write_bytes(uri, json.dumps(summary, indent=2).encode(), cfg.storage)
     log(format_rounds(rounds))
