@@ -4,6 +4,7 @@ in plain CPU tasks. Randomness comes from an explicit `np.random.Generator`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -55,14 +56,74 @@ def normalize(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where an augmented crop's pixels come from: the (H, W) image resized to `resized` (h, w),
+    flipped horizontally when `flip`, then the window of `extent` (h, w) at `source` (y, x) of
+    it pasted at `target` (y, x) of the square crop."""
+
+    size: tuple[int, int]
+    resized: tuple[int, int]
+    flip: bool
+    source: tuple[int, int]
+    target: tuple[int, int]
+    extent: tuple[int, int]
+
+    def as_array(self) -> np.ndarray:
+        """float32 (11,): size, resized, flip, source, target, extent (a batchable example)."""
+        values = (*self.size, *self.resized, float(self.flip), *self.source, *self.target)
+        return np.array([*values, *self.extent], dtype=np.float32)
+
+    @classmethod
+    def from_array(cls, values: Sequence[float]) -> Placement:
+        v = [int(round(float(x))) for x in values]
+        return cls(
+            (v[0], v[1]), (v[2], v[3]), bool(v[4]), (v[5], v[6]), (v[7], v[8]), (v[9], v[10])
+        )
+
+
+def draw_placement(
+    size: tuple[int, int], rng: np.random.Generator, params: AugmentParams
+) -> Placement:
+    """A random resize-long, horizontal flip and square crop of an image of `size` (H, W)."""
+    height, width = size
+    long_side = int(rng.integers(params.resize_long[0], params.resize_long[1] + 1))
+    scale = long_side / max(height, width)
+    resized = (max(1, round(height * scale)), max(1, round(width * scale)))
+    flip = bool(params.flip and rng.random() < 0.5)
+    (src_y, dst_y, h), (src_x, dst_x, w) = (_crop_window(n, params.crop_size, rng) for n in resized)
+    return Placement(size, resized, flip, (src_y, src_x), (dst_y, dst_x), (h, w))
+
+
+def place(image: np.ndarray, placement: Placement, crop: int) -> np.ndarray:
+    """uint8 (H, W, 3) image -> normalised float32 (3, crop, crop) as `placement` says, 0
+    (the mean after normalisation) where the crop leaves the image."""
+    out = np.zeros((3, crop, crop), dtype=np.float32)
+    window = _window(_resized(image, placement, Image.Resampling.BILINEAR), placement)
+    (dst_y, dst_x), (h, w) = placement.target, placement.extent
+    out[:, dst_y : dst_y + h, dst_x : dst_x + w] = normalize(np.ascontiguousarray(window))
+    return out
+
+
+def _resized(array: np.ndarray, placement: Placement, resample: Image.Resampling) -> np.ndarray:
+    height, width = placement.resized
+    out = np.asarray(Image.fromarray(array).resize((width, height), resample))
+    return out[:, ::-1] if placement.flip else out
+
+
+def _window(array: np.ndarray, placement: Placement) -> np.ndarray:
+    (src_y, src_x), (h, w) = placement.source, placement.extent
+    return array[src_y : src_y + h, src_x : src_x + w]
+
+
 def augment(
     image: np.ndarray,
     rng: np.random.Generator,
     params: AugmentParams,
     masks: Sequence[np.ndarray] = (),
 ) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
-    """Random resize-long, horizontal flip and square crop, applied jointly to the image and
-    its uint8 (H, W) masks (nearest-neighbour for masks).
+    """Random resize-long, horizontal flip and square crop (`draw_placement`), applied jointly
+    to the image and its uint8 (H, W) masks (nearest-neighbour for masks).
 
     Returns the image as normalised float32 (3, crop, crop) and the masks as uint8
     (crop, crop), padded with 0 and 255 (ignore) respectively where the crop leaves the image.
@@ -76,29 +137,17 @@ def augment(
                 f"masks[{i}] must be a uint8 array of shape {(height, width)}, "
                 f"got {_describe(mask)}"
             )
-
-    long_side = int(rng.integers(params.resize_long[0], params.resize_long[1] + 1))
-    scale = long_side / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (w, h)
-    image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR))
-    masks = [np.asarray(Image.fromarray(m).resize(size, Image.Resampling.NEAREST)) for m in masks]
-
-    if params.flip and rng.random() < 0.5:
-        image = image[:, ::-1]
-        masks = [m[:, ::-1] for m in masks]
-
+    placement = draw_placement((height, width), rng, params)
     crop = params.crop_size
-    (src_y, dst_y, h), (src_x, dst_x, w) = (_crop_window(n, crop, rng) for n in image.shape[:2])
-    out_image = np.zeros((3, crop, crop), dtype=np.float32)
-    out_image[:, dst_y : dst_y + h, dst_x : dst_x + w] = normalize(
-        np.ascontiguousarray(image[src_y : src_y + h, src_x : src_x + w])
-    )
     out_masks = []
+    (dst_y, dst_x), (h, w) = placement.target, placement.extent
     for m in masks:
         out = np.full((crop, crop), IGNORE_INDEX, dtype=np.uint8)
-        out[dst_y : dst_y + h, dst_x : dst_x + w] = m[src_y : src_y + h, src_x : src_x + w]
+        out[dst_y : dst_y + h, dst_x : dst_x + w] = _window(
+            _resized(m, placement, Image.Resampling.NEAREST), placement
+        )
         out_masks.append(out)
-    return out_image, tuple(out_masks)
+    return place(image, placement, crop), tuple(out_masks)
 
 
 def _crop_window(length: int, crop: int, rng: np.random.Generator) -> tuple[int, int, int]:
