@@ -42,6 +42,7 @@ METHODS: dict[str, list[str]] = {
     "hfpl": ["classifier.model.method=hfpl", "classifier.model.pooling=gap"],
     "seam": ["classifier.model.method=seam", "classifier.model.pooling=gap"],
     "saliency": ["classifier.model.method=saliency", "classifier.model.pooling=gap"],
+    "oaa": ["classifier.model.method=oaa", "classifier.model.pooling=gap"],
 }
 
 

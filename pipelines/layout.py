@@ -38,6 +38,11 @@ class RunLayout:
         """Ray Train's storage: a folder per network, a checkpoint per epoch in it."""
         return join(self.root, "train")
 
+    def kept_seeds(self, network: str) -> str:
+        """The seeds a network's CAM method keeps while it trains (OAA's maps): a file per
+        epoch and worker, and the merged maps (`pipelines.train.kept_seeds`)."""
+        return join(self.checkpoints, f"{network}-seeds")
+
     def marker(self, stage: str) -> str:
         """`wsss run`'s marker of a finished stage (its fingerprint)."""
         return join(self.root, "stages", f"{stage}.json")

@@ -25,10 +25,11 @@ from pipelines.inputs import load_manifest, resolve_weights
 from pipelines.manifests import Manifest
 from wsss import labeling
 from wsss.affinity import AffinityNet, affinity_label_map, train_affinity_net
-from wsss.cam import CONSTANT_BACKGROUNDS, compute_cams
+from wsss.cam import CONSTANT_BACKGROUNDS, image_cams
 from wsss.class_report import ClassAreas, class_report, format_class_report, presence_rates
 from wsss.classifier import Classifier, image_scores, train_classifier
 from wsss.imageio import decode_image, decode_mask
+from wsss.kept_seeds import by_row
 from wsss.metrics import ConfusionMatrix, mean_average_precision
 from wsss.networks import initial_network
 from wsss.training import EpochEnd, default_device, epoch_summary
@@ -61,9 +62,15 @@ def _log_epoch(what: str, epochs: int, log: Callable[[str], None]) -> EpochEnd:
 
 
 def fit_classifier(
-    cfg: RunConfig, examples: list[Example], n_classes: int, device, log: Callable[[str], None]
+    cfg: RunConfig,
+    examples: list[Example],
+    n_classes: int,
+    device,
+    log: Callable[[str], None],
+    kept: dict | None = None,
 ) -> Classifier:
-    """The classifier of `cfg` trained on `examples` (its backbone weights resolved first)."""
+    """The classifier of `cfg` trained on `examples` (its backbone weights resolved first);
+    the seeds its CAM method keeps (OAA's) are merged into `kept` (`train_classifier`)."""
     start = initial_network(
         "classifier", resolve_weights(cfg.classifier.model, cfg), n_classes, seed=cfg.seed
     )
@@ -75,6 +82,7 @@ def fit_classifier(
         cfg.seed,
         device,
         on_epoch_end=_log_epoch("classifier", cfg.classifier.optim.epochs, log),
+        kept=kept,
     )
 
 
@@ -173,13 +181,18 @@ def run(
     log(f"{len(examples)} images, {n_classes} foreground classes, device {device}")
     t = lap("load", started)
 
-    classifier = fit_classifier(cfg, examples, n_classes, device, log)
+    kept: dict = {}
+    classifier = fit_classifier(cfg, examples, n_classes, device, log, kept)
     targets = np.stack([manifest.label_targets(row) for row in manifest.rows])
     train_map = mean_average_precision(
         image_scores(classifier, [e.image for e in examples]), targets
     )
     t = lap("train_classifier", t)
-    cams = [compute_cams(classifier, e.image, e.labels, cfg.cam) for e in examples]
+    kept_by_row = by_row(kept)
+    cams = [
+        image_cams(classifier, e.image, e.labels, cfg.cam, kept_by_row.get(i))
+        for i, e in enumerate(examples)
+    ]
     sweep = cam_sweep(examples, cams, n_all)
     t = lap("cam", t)
     networks = {"classifier": classifier}

@@ -48,6 +48,9 @@ class ModelRecord(BaseModel):
     metrics: dict[str, float]
     skipped_examples: list[str]  # a few unreadable rows training skipped ("id (uri): reason")
     created_at: str
+    # The seeds the classifier's CAM method kept while it trained (OAA's), merged per image
+    # (`pipelines.train.kept_seeds`); None for the methods that keep none.
+    kept_seeds_uri: str | None = None
 
     @field_validator("stage")
     @classmethod

@@ -93,9 +93,14 @@ def test_the_ray_data_step_stacks_whatever_examples_the_method_makes():
     rng = np.random.default_rng(1)
     images = np.empty(3, dtype=object)
     images[:] = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(3)]
-    batch = {"image": images, "labels": np.array([[1], [2], [1, 2]], dtype=object)}
+    batch = {
+        "image": images,
+        "labels": np.array([[1], [2], [1, 2]], dtype=object),
+        "row": np.array([4, 0, 9]),
+    }
     stacked = classification_examples(batch, 2, SMALL, _TwoViews())
-    assert set(stacked) == {"image", "targets", "flipped"}
+    assert set(stacked) == {"image", "targets", "flipped", "row"}
+    np.testing.assert_array_equal(stacked["row"], [4, 0, 9])  # OAA keeps its maps by row
     assert stacked["flipped"].shape == stacked["image"].shape == (3, 3, 32, 32)
     np.testing.assert_array_equal(stacked["flipped"], stacked["image"][..., ::-1])
     np.testing.assert_array_equal(stacked["targets"], [[1, 0], [0, 1], [1, 1]])
@@ -154,7 +159,7 @@ def test_hfpl_trains_through_its_loss_and_checks_its_settings():
     torch.manual_seed(0)
     model = Classifier(2, ClassifierParams(backbone=RESNET18, method="hfpl"))
     batch = classification_examples(
-        {"image": [s[0] for s in samples], "labels": [s[1] for s in samples]},
+        {"image": [s[0] for s in samples], "labels": [s[1] for s in samples], "row": range(4)},
         2,
         SMALL,
         model.params.method,

@@ -4,7 +4,7 @@ class divided by its maximum, unlabelled classes zeroed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from wsss import kept_seeds
 from wsss.cam_methods import multi_hot
 from wsss.params import Params
 from wsss.transforms import check_image, normalize
@@ -136,6 +137,27 @@ def compute_cams(
     size = output_size if output_size is not None else image.shape[:2]
     cams = compute_cams_batch(model, images, label_mask, params, tuple(size))
     return cams[0].cpu().numpy()
+
+
+def image_cams(
+    model: nn.Module,
+    image: np.ndarray,
+    labels: Sequence[int],
+    params: CamParams,
+    kept: Mapping[int, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The CAM stage's maps float32 (K, H, W) of one image: from the maps its CAM method kept
+    while training on it (`kept`, {class: uint8 map}: OAA's; `wsss.kept_seeds.cams`) where it
+    has them, else `compute_cams`."""
+    if not kept:
+        return compute_cams(model, image, labels, params)
+    return kept_seeds.cams(
+        kept,
+        labels,
+        image.shape[:2],
+        model.n_classes,
+        lambda: compute_cams(model, image, labels, params),
+    )
 
 
 def add_background(cams_fg: Maps, params: BackgroundParams) -> Maps:

@@ -15,6 +15,7 @@ from torch import nn
 from wsss.backbones import BackboneParams, backbone_from_params
 from wsss.cam_methods import CAM_METHODS, CamMethodChoice, multi_hot
 from wsss.cam_methods.plain import PlainCamParams
+from wsss.kept_seeds import KeptMaps, Key, merge
 from wsss.params import Params
 from wsss.poolings import POOLINGS, Pooling
 from wsss.poolings.global_pool import GapParams
@@ -81,6 +82,14 @@ class Classifier(nn.Module):
         classes `label_mask` (B, K) bool marks."""
         return self.method.seed_maps(self, x, label_mask)
 
+    def begin_epoch(self, epoch: int) -> None:
+        """Before training epoch `epoch`: the CAM method's hook (`CamMethod.keeps_seeds`)."""
+        self.method.begin_epoch(epoch)
+
+    def epoch_seeds(self) -> KeptMaps | None:
+        """The seeds the CAM method kept in the epoch just trained, if it keeps any."""
+        return self.method.epoch_seeds()
+
     def forward(self, x: torch.Tensor, with_maps: bool = False, with_levels: bool = False):
         """Logits (B, K); with `with_maps`, (logits, class score maps), and with `with_levels`
         also the backbone's feature levels after them: for methods whose loss reads the maps
@@ -105,10 +114,12 @@ def train_classifier(
     seed: int,
     device: torch.device | str | None = None,
     on_epoch_end: EpochEnd | None = None,
+    kept: dict[Key, np.ndarray] | None = None,
 ) -> Classifier:
     """Train `model` (`wsss.networks.initial_network`) in this process on (image uint8 HWC,
     labels 1..K) samples. Epoch e's shuffling and augmentation depend only on (seed, e).
-    Returns the model in eval mode."""
+    When the CAM method keeps seeds (OAA), each epoch's are merged into `kept` (rows: the
+    samples' positions; `wsss.kept_seeds`). Returns the model in eval mode."""
     n_classes, method = model.n_classes, model.params.method
 
     def check(sample: tuple[np.ndarray, Sequence[int]]) -> None:
@@ -118,12 +129,30 @@ def train_classifier(
     check_samples(samples, check)
 
     def make_example(
-        sample: tuple[np.ndarray, Sequence[int]], rng: np.random.Generator
+        sample: tuple[int, tuple[np.ndarray, Sequence[int]]], rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        return method.example(*sample, n_classes, rng, augment_params)
+        row, (image, labels) = sample
+        return method.example(image, labels, n_classes, rng, augment_params) | {
+            "row": np.int64(row)
+        }
+
+    def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        epoch_seeds = model.epoch_seeds()
+        if epoch_seeds is not None and kept is not None:
+            merge([epoch_seeds], kept)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, metrics)
 
     return train_in_process(
-        model, samples, make_example, classifier_step_loss, optim_params, seed, device, on_epoch_end
+        model,
+        list(enumerate(samples)),
+        make_example,
+        classifier_step_loss,
+        optim_params,
+        seed,
+        device,
+        epoch_end,
+        on_epoch_start=model.begin_epoch,
     )
 
 

@@ -20,6 +20,7 @@ Batch = dict[str, torch.Tensor]
 Example = dict[str, np.ndarray]
 StepLoss = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
 EpochEnd = Callable[[int, dict[str, float]], None]
+EpochStart = Callable[[int], None]
 Sample = TypeVar("Sample")
 Model = TypeVar("Model", bound=nn.Module)
 
@@ -172,15 +173,19 @@ def fit(
     device: torch.device | str,
     start_epoch: int = 0,
     on_epoch_end: EpochEnd | None = None,
+    on_epoch_start: EpochStart | None = None,
 ) -> list[dict[str, float]]:
     """Train epochs `start_epoch .. epochs - 1` (a resumed run passes the epoch to start at);
     `epoch_batches(epoch)` gives that epoch's batches. Returns each epoch's metrics (with
-    "epoch"); `on_epoch_end(epoch, metrics)` is called after each (checkpointing, reporting)."""
+    "epoch"); `on_epoch_start(epoch)` is called before each epoch, `on_epoch_end(epoch,
+    metrics)` after it (checkpointing, reporting)."""
     if not 0 <= start_epoch <= epochs:
         raise ValueError(f"start_epoch must be in [0, epochs={epochs}], got {start_epoch}")
     model.to(device)
     history = []
     for epoch in range(start_epoch, epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         metrics = train_one_epoch(
             model, epoch_batches(epoch), step_loss, optimizer, scheduler, device
         )
@@ -225,6 +230,7 @@ def train_in_process(
     seed: int,
     device: torch.device | str | None = None,
     on_epoch_end: EpochEnd | None = None,
+    on_epoch_start: EpochStart | None = None,
 ) -> Model:
     """Train `model` in this process for `optim_params.epochs` epochs of `shuffled_batches`, with
     the poly schedule over all steps; `model` has a `backbone` (`param_groups`).
@@ -250,5 +256,6 @@ def train_in_process(
         optim_params.epochs,
         device,
         on_epoch_end=on_epoch_end,
+        on_epoch_start=on_epoch_start,
     )
     return model.eval()

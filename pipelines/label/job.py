@@ -8,6 +8,8 @@ records and one small count record per write task:
       + the (image_id, row key) pairs this model version already wrote (unless --force)
     -> groupby(bucket of image_ids).map_groups: the anti-join against earlier runs and the
                                               duplicate check
+    -> join(the classifier's kept seeds)      only when its CAM method kept seeds while it
+                                              trained (OAA: `pipelines.train.kept_seeds`)
     -> fetch + decode                         CPU tasks (S3 fetches overlap in threads; without
                                               GPUs Ray fuses them into the model actors' calls)
     -> CAMs + the refiners that run beside    model actors (`ModelActor`), a GPU each when
@@ -63,8 +65,11 @@ from pipelines.inputs import manifest_classes, manifest_dataset
 from pipelines.label import rows as label_rows
 from pipelines.model_record import ModelRecord, load_network, read_record, record_uris
 from pipelines.storage import StorageConfig
+from pipelines.train import kept_seeds
 from wsss import labeling
+from wsss.cam import image_cams
 from wsss.imageio import encode_mask
+from wsss.kept_seeds import decode
 from wsss.training import default_device
 
 # Test hook: a labeling actor that meets this image_id kills its own process, as an image that
@@ -152,6 +157,7 @@ class ModelActor:
         self.cfg = cfg
         self.finish = finish
         networks = {name: load_network(r, cfg, name).to(device) for name, r in records.items()}
+        self.classifier = networks.get("classifier")
         self.labeler = cfg.labeler(networks)
         self.index = {name: i for i, name in enumerate(classes)}
         stages = cfg.stages if finish else self.labeler.stages[: self.labeler.split + 1]
@@ -168,16 +174,20 @@ class ModelActor:
         seeded = [self.guard.run(row, lambda row=row: self._seed(row)) for row in rows]
         for row, part in zip(rows, seeded, strict=True):
             row["seeded"] = None if part is None else pickle.dumps(part, pickle.HIGHEST_PROTOCOL)
+            row[kept_seeds.SEEDS] = None  # used: the CRF pool needs only the seed part
         return pa.Table.from_pylist(rows, schema=label_rows.SEEDED_SCHEMA)
 
     def _seed(self, row: dict) -> labeling.Partial | None:
         """The row's seed part, or None when it failed before or fails here (then marked so)."""
         if row["outcome"] != label_rows.OK:
             return None
+        image, labels = label_rows.row_image(row), [self.index[name] for name in row["labels"]]
         try:
-            return self.labeler.seed(
-                label_rows.row_image(row), [self.index[name] for name in row["labels"]]
-            )
+            cams = None
+            if row.get(kept_seeds.SEEDS) is not None:  # the classifier's, kept while training
+                seeds = decode(row[kept_seeds.SEEDS])
+                cams = image_cams(self.classifier, image, labels, self.cfg.cam, seeds)
+            return self.labeler.seed(image, labels, cams)
         except labeling.StageError as exc:  # e.g. out of memory: the image fails, not the job
             label_rows.fail(row, exc.stage, exc.__cause__)
             return None
@@ -338,17 +348,22 @@ def stage_times(ds: ray.data.Dataset) -> dict[str, dict[str, float]]:
 
 
 def planned_rows(
-    cfg: RunConfig, classes: list[str], version: str | None, out_uri: str
+    cfg: RunConfig,
+    classes: list[str],
+    version: str | None,
+    out_uri: str,
+    kept: str | None = None,
 ) -> ray.data.Dataset:
     """The labeling's plan: every manifest row with its outcome before any image is fetched
     (`label_rows.OK` to label, else an error or skipped), resolved against the rows model
     `version` already wrote under `out_uri` (none when `version` is None) by the anti-join
-    (`label_rows.resolve_bucket`)."""
+    (`label_rows.resolve_bucket`); with the seeds the classifier kept while training (`kept`,
+    the merged file: `pipelines.train.kept_seeds`) joined to them when given."""
     rows, partitions = manifest_dataset(cfg, classes)
     done = None if version is None else label_rows.done_markers(out_uri, cfg.storage, version)
     if done is not None:
         rows = rows.union(done)
-    return (
+    planned = (
         rows.map_batches(
             label_rows.with_bucket,
             fn_kwargs={"buckets": partitions * label_rows.BUCKETS_PER_PARTITION},
@@ -357,6 +372,7 @@ def planned_rows(
         .groupby(label_rows.BUCKET, num_partitions=partitions)
         .map_groups(label_rows.resolve_bucket, batch_format="pyarrow")
     )
+    return kept_seeds.join(planned, kept, cfg.storage, partitions)
 
 
 def labelled_dataset(
@@ -375,8 +391,9 @@ def labelled_dataset(
     # that keeps killing its worker into an error row.
     journal = runtime.on_driver_node(DeathJournal).remote()
     pool = crf_pool(cfg)
+    seeds = records[cfg.seed_network]
     labelled = (
-        planned_rows(cfg, classes, version, out_uri)
+        planned_rows(cfg, classes, version, out_uri, seeds.kept_seeds_uri)
         # A partition leaves the anti-join as one block: split it so the stages after share it.
         .repartition(target_num_rows_per_block=r.rows_per_block)
         .map_batches(

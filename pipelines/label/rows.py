@@ -75,7 +75,16 @@ _ROW_FIELDS = [
 ]
 _SIZE_FIELDS = [pa.field("height", pa.int32()), pa.field("width", pa.int32())]
 ROW_SCHEMA = pa.schema(_ROW_FIELDS)
-DECODED_SCHEMA = pa.schema([*_ROW_FIELDS, *_SIZE_FIELDS, pa.field("pixels", pa.binary())])
+# kept_seeds: what the classifier's CAM method kept for the image while training (OAA's maps),
+# joined to the plan when it kept any (`pipelines.train.kept_seeds`); it is not written out.
+DECODED_SCHEMA = pa.schema(
+    [
+        *_ROW_FIELDS,
+        *_SIZE_FIELDS,
+        pa.field("pixels", pa.binary()),
+        pa.field("kept_seeds", pa.binary()),
+    ]
+)
 # The seed part of the method (`wsss.labeling.Partial`) pickled, on its way to the CRF pool.
 SEEDED_SCHEMA = pa.schema([*DECODED_SCHEMA, pa.field("seeded", pa.binary())])
 

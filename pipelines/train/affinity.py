@@ -28,8 +28,10 @@ from pipelines.model_record import ModelRecord, load_network, read_record
 from pipelines.runtime import connect
 from pipelines.shards import ragged
 from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
+from pipelines.train.kept_seeds import SEEDS
+from wsss import kept_seeds
 from wsss.affinity import AffinityNet, affinity_example, affinity_label_map, affinity_step_loss
-from wsss.cam import compute_cams
+from wsss.cam import image_cams
 from wsss.networks import initial_network
 from wsss.segmentation import confident_label_map, segment
 from wsss.training import default_device
@@ -47,17 +49,23 @@ class AffinityLabeler:
         # The actor sees only the GPU Ray gave it (if any): default_device picks it.
         self.model = load_network(teacher_record, cfg, self.teacher).to(default_device())
 
-    def label_map(self, image: np.ndarray, labels: list[int]) -> np.ndarray:
+    def label_map(
+        self, image: np.ndarray, labels: list[int], kept: bytes | None = None
+    ) -> np.ndarray:
+        """The image's affinity label map; `kept`: its seeds the classifier's CAM method kept
+        while training (OAA's), which stand for its CAMs (`pipelines.train.kept_seeds`)."""
         if self.teacher == "classifier":
-            cams = compute_cams(self.model, image, labels, self.cfg.cam)
+            seeds = None if kept is None else kept_seeds.decode(kept)
+            cams = image_cams(self.model, image, labels, self.cfg.cam, seeds)
             return affinity_label_map(cams, labels, self.cfg.affinity.labels, image)
         scores = segment(self.model, image, labels, self.cfg.segmentation.inference)
         return confident_label_map(scores, image.shape[:2], self.cfg.iterate.confident)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        kept = batch.get(SEEDS, [None] * len(batch["image"]))
         label_maps = [
-            self.label_map(image, [int(c) for c in labels])
-            for image, labels in zip(batch["image"], batch["labels"], strict=True)
+            self.label_map(image, [int(c) for c in labels], seeds)
+            for image, labels, seeds in zip(batch["image"], batch["labels"], kept, strict=True)
         ]
         return {
             "image_id": batch["image_id"],
@@ -84,9 +92,11 @@ def affinity_label_dataset(
 ) -> ray.data.Dataset:
     """The manifest's images with their affinity label maps, computed by an actor pool of
     `ray.model_actors` teacher networks (each with `ray.cpus_per_actor` CPUs, and
-    `ray.gpus_per_actor` GPUs when `ray.use_gpu`)."""
+    `ray.gpus_per_actor` GPUs when `ray.use_gpu`); the classifier's kept seeds stand for its
+    CAMs where it has them."""
     r = cfg.ray
-    return image_dataset(manifest, cfg, skipped).map_batches(
+    kept = teacher_record.kept_seeds_uri if cfg.affinity_teacher == "classifier" else None
+    return image_dataset(manifest, cfg, skipped, kept).map_batches(
         AffinityLabeler,
         fn_constructor_kwargs={"teacher_record": teacher_record, "cfg": cfg},
         compute=ray.data.ActorPoolStrategy(size=r.model_actors),

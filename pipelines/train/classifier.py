@@ -2,8 +2,10 @@
 
 Ray Data fetches and decodes the images (`pipelines.train.job.image_dataset`) and makes the CAM
 method's training examples of them here (`CamMethodParams.example`); the workers train with
-`classifier_step_loss`, the method's loss.
-The model record lands at `<run>/models/classifier.json`.
+`classifier_step_loss`, the method's loss. A method that keeps seeds while it trains (OAA) has
+each epoch's stored by every worker; they are merged after training
+(`pipelines.train.kept_seeds`).
+The model record lands at `<run>/models/classifier.json`, naming the merged seeds if any.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ import numpy as np
 
 from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
-from pipelines.model_record import ModelRecord
+from pipelines.model_record import ModelRecord, write_record
 from pipelines.runtime import connect
+from pipelines.train import kept_seeds
 from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
 from wsss.cam_methods import CamMethodParams
 from wsss.classifier import Classifier, classifier_step_loss
@@ -31,14 +34,14 @@ def classification_examples(
     method: CamMethodParams,
 ) -> dict[str, np.ndarray]:
     """Ray Data step: decoded rows -> the method's examples, stacked (the plain CAM's:
-    {"image": float32 (B, 3, S, S), "targets": (B, K)}).
+    {"image": float32 (B, 3, S, S), "targets": (B, K)}), each with its "row" in the manifest.
 
     Augmentation draws from fresh entropy: Ray Data does not tell a task which epoch it
     serves, so unlike the in-process loop a run is not repeatable draw for draw."""
     rng = np.random.default_rng()
     examples = [
-        method.example(image, labels, n_classes, rng, augment_params)
-        for image, labels in zip(batch["image"], batch["labels"], strict=True)
+        method.example(image, labels, n_classes, rng, augment_params) | {"row": np.int64(row)}
+        for image, labels, row in zip(batch["image"], batch["labels"], batch["row"], strict=True)
     ]
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
 
@@ -57,6 +60,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
     manifest = load_manifest(cfg)
     n_classes = manifest.num_foreground
     build_model = partial(initial_classifier, n_classes, cfg)
+    seeds = cfg.layout.kept_seeds("classifier")
     job = new_job(
         "classifier",
         cfg,
@@ -65,6 +69,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
         cfg.classifier,
         build_model,
         classifier_step_loss,
+        seeds_uri=seeds,
     )
     dataset = image_dataset(manifest, cfg, job.skipped).map_batches(
         classification_examples,
@@ -76,4 +81,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
         batch_size=cfg.ray.rows_per_block,
         batch_format="numpy",
     )
-    return run_training(job, dataset, log)
+    record = run_training(job, dataset, log)
+    merged = kept_seeds.merge_files(seeds, [r.image_id for r in manifest.rows], cfg.storage, log)
+    if merged is None:
+        return record
+    record = record.model_copy(update={"kept_seeds_uri": merged})
+    write_record(record, cfg.layout.record("classifier"), cfg)
+    return record

@@ -47,6 +47,7 @@ from pipelines.model_record import (
     write_record,
 )
 from pipelines.shards import ragged
+from pipelines.train import kept_seeds
 from wsss.imageio import ImageDecodeError, decode_image, decode_mask
 from wsss.params import Params
 from wsss.training import (
@@ -149,12 +150,16 @@ def follow_progress(progress, log: Callable[[str], None], every_s: float = 2.0) 
 def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[str, np.ndarray]:
     """Ray Data step: fetch and decode each row's image -> {"image_id", "image": uint8 (H, W, 3)
     each, and "labels" (class indices each) or "mask" (uint8 (H, W) each) as the rows have
-    them: a mask is PNG bytes (a shard's) or the URI of one (a manifest's ground truth). A row
+    them: a mask is PNG bytes (a shard's) or the URI of one (a manifest's ground truth); the
+    rows' "row" and kept seeds pass through where they have them. A row
     whose image or mask cannot be fetched or decoded, or whose mask does not fit its image, is
     dropped, logged and reported to the `SkippedRows` actor `skipped`, never fatal."""
-    ids, images, extras, problems = [], [], [], []
+    ids, images, extras, problems, decoded = [], [], [], [], []
     extra = "labels" if "labels" in batch else "mask"
-    for image_id, uri, value in zip(batch["image_id"], batch["image"], batch[extra], strict=True):
+    carried = [c for c in ("row", kept_seeds.SEEDS) if c in batch]
+    for i, (image_id, uri, value) in enumerate(
+        zip(batch["image_id"], batch["image"], batch[extra], strict=True)
+    ):
         try:
             image = decode_image(_read(uri, cfg), cfg.dataset.max_pixels)
             if extra == "labels":
@@ -171,12 +176,14 @@ def decode_rows(batch: dict[str, np.ndarray], cfg: RunConfig, skipped) -> dict[s
         ids.append(str(image_id))
         images.append(image)
         extras.append(value)
+        decoded.append(i)
     if problems:
         messages = "; ".join(message for _, message in problems)
         logger.warning("skipping %d unreadable image(s): %s", len(problems), messages)
         # Waited for, so every count is in before the epoch's data is exhausted.
         ray.get(skipped.add.remote(problems))
-    return {"image_id": np.array(ids, dtype=object), "image": ragged(images), extra: ragged(extras)}
+    out = {"image_id": np.array(ids, dtype=object), "image": ragged(images), extra: ragged(extras)}
+    return out | {column: batch[column][decoded] for column in carried}
 
 
 def _read(uri: str, cfg: RunConfig) -> bytes:
@@ -200,17 +207,27 @@ def decoded_blocks(rows: ray.data.Dataset, cfg: RunConfig, skipped) -> ray.data.
     )
 
 
-def image_dataset(manifest: Manifest, cfg: RunConfig, skipped) -> ray.data.Dataset:
-    """The manifest's images, decoded in Ray Data tasks, as {"image_id", "image", "labels"}
-    rows. Only the rows' URIs live on the driver. The rows are shuffled once into blocks of
-    `ray.rows_per_block` (`decoded_blocks` then varies the blocks' order per epoch)."""
+def image_dataset(
+    manifest: Manifest, cfg: RunConfig, skipped, kept: str | None = None
+) -> ray.data.Dataset:
+    """The manifest's images, decoded in Ray Data tasks, as {"image_id", "image", "labels",
+    "row"} rows, row being the position in the manifest, and with the kept seeds of the merged
+    file `kept` (`pipelines.train.kept_seeds`) when given. Only the rows' URIs live on the
+    driver. The rows are shuffled once into blocks of `ray.rows_per_block` (`decoded_blocks`
+    then varies the blocks' order per epoch)."""
     order = np.random.default_rng(cfg.seed).permutation(len(manifest.rows))
     rows = [
-        {"image_id": row.image_id, "image": row.image, "labels": manifest.label_indices(row)}
-        for row in (manifest.rows[i] for i in order)
+        {
+            "image_id": manifest.rows[i].image_id,
+            "image": manifest.rows[i].image,
+            "labels": manifest.label_indices(manifest.rows[i]),
+            "row": int(i),
+        }
+        for i in order
     ]
     blocks = block_count(len(rows), cfg)
-    return decoded_blocks(ray.data.from_items(rows, override_num_blocks=blocks), cfg, skipped)
+    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
+    return decoded_blocks(kept_seeds.join(dataset, kept, cfg.storage, blocks), cfg, skipped)
 
 
 @dataclass(frozen=True)
@@ -230,6 +247,9 @@ class TrainJob:
     # Leave out each worker's last, smaller batch of an epoch: a network with batch norm on
     # pooled features (DeepLabV3's ASPP) cannot train on a batch of one.
     drop_last: bool = False
+    # Where each epoch's kept seeds go (`pipelines.train.kept_seeds`): the classifier's, whose
+    # CAM method may keep some (OAA); the network then has `begin_epoch` and `epoch_seeds`.
+    seeds_uri: str | None = None
 
     @property
     def batch_per_worker(self) -> int:
@@ -254,6 +274,7 @@ def new_job(
     build_model: Callable[[], nn.Module],
     step_loss: StepLoss,
     drop_last: bool = False,
+    seeds_uri: str | None = None,
 ) -> TrainJob:
     """The job of training `stage` on `n_rows` examples of `classes` with the `model` and
     `optim` of the config `section` (`cfg.classifier`, `cfg.affinity`, ...)."""
@@ -269,6 +290,7 @@ def new_job(
         skipped=runtime.on_driver_node(SkippedRows).remote(),
         progress=runtime.on_driver_node(EpochLines).remote(),
         drop_last=drop_last,
+        seeds_uri=seeds_uri,
     )
 
 
@@ -366,7 +388,8 @@ def _ddp_step_loss(step_loss: StepLoss) -> StepLoss:
 def _train_worker(config: dict) -> None:
     job: TrainJob = config["job"]
     cfg, optim = job.cfg, job.optim
-    rank0 = ray.train.get_context().get_world_rank() == 0
+    rank = ray.train.get_context().get_world_rank()
+    rank0 = rank == 0
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.seed)
     model = job.build_model()
@@ -392,6 +415,10 @@ def _train_worker(config: dict) -> None:
         )
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        if job.seeds_uri is not None:  # before the checkpoint: a resumption redoes this epoch
+            kept = model.epoch_seeds()
+            if kept is not None:
+                kept_seeds.write_epoch(job.seeds_uri, epoch, rank, kept, cfg.storage)
         metrics = _across_workers(metrics, device)
         # Every worker has exhausted the epoch's data here, so all its skips are counted.
         skipped = ray.get(job.skipped.count.remote()) if rank0 else 0
@@ -425,6 +452,7 @@ def _train_worker(config: dict) -> None:
         device,
         start_epoch=start_epoch,
         on_epoch_end=on_epoch_end,
+        on_epoch_start=model.begin_epoch if job.seeds_uri is not None else None,
     )
 
 

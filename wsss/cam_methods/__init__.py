@@ -5,7 +5,7 @@ registered members' `Params`, told apart by `name` (`wsss.params.registered_unio
 member: its module in this folder and its import below (docs/architecture.md).
 """
 
-from wsss.cam_methods import hfpl, plain, saliency, seam, wildcat  # noqa: F401  (importing registers the members)
+from wsss.cam_methods import hfpl, oaa, plain, saliency, seam, wildcat  # noqa: F401  (importing registers the members)
 from wsss.cam_methods.base import (
     CAM_METHODS,
     CamMethodParams,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from wsss.kept_seeds import KeptMaps
 from wsss.params import Params, registrar
 from wsss.training import Batch
 from wsss.transforms import AugmentParams, augment
@@ -72,6 +73,17 @@ class CamMethod(nn.Module):
     pooled maps, seeds = relu of the class score maps."""
 
     maps_per_class = 1
+    # A method whose seeds are maps it keeps per training image (OAA) says so here: the training
+    # loops then call `begin_epoch` before each epoch and store `epoch_seeds` after it, and the
+    # CAM stage takes an image's seeds from the merged maps (`wsss.kept_seeds`), where it has any.
+    keeps_seeds = False
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before training epoch `epoch` (0-based) by a method that `keeps_seeds`."""
+
+    def epoch_seeds(self) -> KeptMaps | None:
+        """What the epoch just trained kept, keyed by the examples' "row" (and forgotten here)."""
+        return None
 
     def class_maps(self, head_maps: torch.Tensor) -> torch.Tensor:
         """The head's maps (B, K * maps_per_class, h, w) -> one score map per class (B, K, h, w)."""
@@ -110,7 +122,8 @@ class CamMethodParams(Params):
     ) -> dict[str, np.ndarray]:
         """One training example of uint8 (H, W, 3) `image` with class indices `labels`: by
         default {"image": float32 (3, S, S) augmented, "targets": float32 (K,)}; a method with
-        extra views or inputs adds them here and uses them in its `loss`."""
+        extra views or inputs adds them here and uses them in its `loss`. The training loops add
+        "row", the image's int64 position in the training set."""
         augmented, _ = augment(image, rng, augment_params)
         return {"image": augmented, "targets": multi_hot(labels, n_classes)}
 
