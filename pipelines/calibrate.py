@@ -26,8 +26,9 @@ from pipelines.inputs import load_manifest
 from pipelines.label import job as label
 from pipelines.model_record import load_network
 from pipelines.runtime import connect
+from pipelines.train import kept_seeds
 from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou
-from wsss.cam import BackgroundParams, compute_cams
+from wsss.cam import BackgroundParams, image_cams
 from wsss.imageio import decode_image, decode_mask
 from wsss.random_walk import RandomWalkParams
 
@@ -55,10 +56,12 @@ def walk_params(base: RandomWalkParams, trial: dict[str, Any]) -> RandomWalkPara
 
 
 def calibration_images(
-    cfg: RunConfig, networks: dict[str, nn.Module]
+    cfg: RunConfig, networks: dict[str, nn.Module], kept_uri: str | None = None
 ) -> tuple[list[CalibrationImage], int]:
     """The CAMs and the refiners' prepared inputs (the affinities) of the manifest's first
-    `calibrate.images` masked images, and the number of classes (background included)."""
+    `calibrate.images` masked images, and the number of classes (background included). The
+    CAMs come from the seeds the classifier kept while training where the merged file
+    `kept_uri` has them (OAA's: `pipelines.train.kept_seeds`)."""
     labeler = cfg.labeler(networks)
     manifest = load_manifest(cfg)
     rows = [row for row in manifest.rows if row.mask][: cfg.calibrate.images]
@@ -67,6 +70,7 @@ def calibration_images(
             f"dataset.manifest {cfg.dataset.manifest} has no row with a `mask`: calibration "
             "needs a few pixel-labelled images"
         )
+    kept = kept_seeds.read(kept_uri, [row.image_id for row in rows], cfg.storage)
     images = []
     for row in rows:
         image = decode_image(storage.read_bytes(row.image, cfg.storage), cfg.dataset.max_pixels)
@@ -76,7 +80,9 @@ def calibration_images(
                 image=image,
                 labels=labels,
                 mask=decode_mask(storage.read_bytes(row.mask, cfg.storage)),
-                cams_fg=compute_cams(labeler.seeds.classifier, image, labels, cfg.cam),
+                cams_fg=image_cams(
+                    labeler.seeds.classifier, image, labels, cfg.cam, kept.get(row.image_id)
+                ),
                 prepared=labeler.prepare(image),
             )
         )
@@ -89,14 +95,17 @@ def _trial(config: dict, images, n_classes: int, networks: dict[str, nn.Module],
 
 
 def calibrate(
-    cfg: RunConfig, networks: dict[str, nn.Module], log: Callable[[str], None] = print
+    cfg: RunConfig,
+    networks: dict[str, nn.Module],
+    log: Callable[[str], None] = print,
+    kept_uri: str | None = None,
 ) -> dict:
     """Calibrate `cfg`'s CAM background and walk on its masked images with these networks (by
-    name, as `RunConfig.networks`); writes the calibrated configuration and the report, and
-    returns the report."""
+    name, as `RunConfig.networks`) and the classifier's kept seeds (`kept_uri`, if it kept
+    any); writes the calibrated configuration and the report, and returns the report."""
     _check_walk(cfg)
     connect(cfg)
-    images, n_classes = calibration_images(cfg, networks)
+    images, n_classes = calibration_images(cfg, networks, kept_uri)
     log(f"calibrating on {len(images)} masked image(s): {cfg.calibrate.trials} Ray Tune trials")
     cam_background, cam_best, cam_scores = best_cam_background(images, n_classes)
     configured_cam = _cam_score(cfg.cam.background, cam_scores)
@@ -215,6 +224,6 @@ def run(
     cfg.require_method("calibrate")
     _check_walk(cfg)
     # A missing record, or one for other classes, is a ConfigError naming it.
-    uris = label.models(cfg, records).uris
-    networks = {name: load_network(uri, cfg, name) for name, uri in uris.items()}
-    return calibrate(cfg, networks, log)
+    models = label.models(cfg, records)
+    networks = {name: load_network(r, cfg, name) for name, r in models.records.items()}
+    return calibrate(cfg, networks, log, models.records["classifier"].kept_seeds_uri)

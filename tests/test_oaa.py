@@ -9,6 +9,7 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 import torch.nn.functional as F
 from conftest import shard_rows, synthetic_with_unreadable, tiny_networks, upload_dataset
@@ -19,9 +20,11 @@ from pipelines.config import load_config
 from pipelines.inputs import load_manifest
 from pipelines.label import job as label
 from pipelines.model_record import load_network
+from pipelines.train import affinity as train_affinity
 from pipelines.train import classifier as classifier_job
 from pipelines.train import kept_seeds as ray_kept_seeds
 from wsss import kept_seeds
+from wsss.affinity import affinity_label_map
 from wsss.cam import CamParams, compute_cams, image_cams
 from wsss.cam_methods.oaa import OaaParams, to_image_grid
 from wsss.classifier import Classifier, ClassifierParams, train_classifier
@@ -229,7 +232,7 @@ def _merged(cfg, uri: str) -> dict[str, dict[int, np.ndarray]]:
 
 
 @pytest.mark.slow
-def test_ray_train_accumulates_per_image_across_workers_and_resumption_and_labeling_uses_it(
+def test_ray_train_accumulates_across_workers_and_resumption_and_the_label_jobs_use_it(
     ray_cluster, s3_endpoint, tmp_path
 ):
     manifest = synthetic_with_unreadable(tmp_path / "data", 10, 3, UNREADABLE)
@@ -242,7 +245,7 @@ def test_ray_train_accumulates_per_image_across_workers_and_resumption_and_label
         "ray.train_workers=2",
         "cam.scales=[1.0]",
         "classifier.model.method={name: oaa, grid: 8, from_epoch: 0, predicted_only: false}",
-        *tiny_networks(nets=("classifier",)),
+        *tiny_networks(),
         "refiners=[crf]",
         "crf.iterations=2",
         "label.keep_stages=true",
@@ -274,6 +277,10 @@ def test_ray_train_accumulates_per_image_across_workers_and_resumption_and_label
     )
     merged = _merged(cfg, resumed.kept_seeds_uri)
     assert set(merged) == set(readable)
+    # A driver-side job (calibration) reads a few images' maps alone.
+    few = ray_kept_seeds.read(resumed.kept_seeds_uri, [*readable[:2], "unknown"], cfg.storage)
+    assert few.keys() == set(readable[:2])
+    assert all(np.array_equal(few[i][c], merged[i][c]) for i in few for c in merged[i])
     index = {r.image_id: i for i, r in enumerate(rows)}
     for image_id, maps in merged.items():
         for c, kept in maps.items():
@@ -297,3 +304,24 @@ def test_ray_train_accumulates_per_image_across_workers_and_resumption_and_label
         plain = cam_mask(compute_cams(classifier, image, labels, longer.cam), longer.cam.background)
         from_cams += np.array_equal(plain, expected)
     assert from_cams < len(readable)  # the kept maps, not the CAMs
+
+    # AffinityNet's labels come from the same kept maps: the join, then the labeling actor.
+    affinity = train_affinity.run(longer, log=lambda _: None)
+    assert affinity.metrics["samples"] == len(readable)
+    joined = ray_kept_seeds.join(
+        ray.data.from_items([{"image_id": i} for i in readable[:3]]),
+        resumed.kept_seeds_uri,
+        longer.storage,
+        2,
+    ).take_all()
+    assert {r["image_id"]: kept_seeds.decode(r[ray_kept_seeds.SEEDS]).keys() for r in joined} == {
+        i: merged[i].keys() for i in readable[:3]
+    }
+    actor = train_affinity.AffinityLabeler(resumed, longer)
+    for image_id in readable[:3]:
+        image = read_image(manifest.parent / "images" / f"{image_id}.png")
+        labels = sorted(merged[image_id])
+        blob = kept_seeds.encode(merged[image_id])
+        cams = image_cams(classifier, image, labels, longer.cam, merged[image_id])
+        expected = affinity_label_map(cams, labels, longer.affinity.labels, image)
+        np.testing.assert_array_equal(actor.label_map(image, labels, blob), expected)

@@ -25,13 +25,14 @@ import re
 from collections.abc import Callable, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 
 from pipelines import storage
 from pipelines.storage import StorageConfig
-from wsss.kept_seeds import KeptMaps, by_row, encode, merge
+from wsss.kept_seeds import KeptMaps, by_row, decode, encode, merge
 
 SEEDS = "kept_seeds"  # the labeling rows' column (`pipelines.label.rows.DECODED_SCHEMA`)
 MERGED = "merged.parquet"
@@ -83,6 +84,22 @@ def merge_files(
     storage.write_bytes(uri, buffer.getvalue(), config)
     log(f"merged the seeds kept in {len(files)} epoch file(s) for {len(rows)} images into {uri}")
     return uri
+
+
+def read(uri: str | None, image_ids: Sequence[str], config: StorageConfig) -> dict[str, dict]:
+    """The kept maps {class: uint8 map} of those of `image_ids` the merged file at `uri` has
+    (nothing when `uri` is None), for a job that labels a few images on the driver."""
+    if uri is None:
+        return {}
+    fs, path = storage.filesystem(uri, config)
+    wanted = pc.field("image_id").isin(list(image_ids))
+    table = pq.read_table(path, filesystem=fs, filters=wanted)
+    return {
+        image_id: decode(blob)
+        for image_id, blob in zip(
+            table["image_id"].to_pylist(), table[SEEDS].to_pylist(), strict=True
+        )
+    }
 
 
 def join(
