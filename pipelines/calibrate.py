@@ -4,10 +4,11 @@ Without masks the label-free defaults apply (Otsu backgrounds, the walk's beta 8
 A user with a few dozen masked images runs this after training: the run's networks compute the
 CAMs and affinities of the manifest's first `calibrate.images` masked images once
 (`wsss.calibration`), the CAM stage's background is chosen by a sweep, and Ray Tune searches the
-walk's beta, length and background (`calibrate.trials` random trials, each one walk + CRF over
-the images, scored by the final masks' mIoU). The chosen values are kept only where they beat
-the configured ones, and the whole configuration with them is written as YAML (default
-`<run>/calibrated.yaml`) for the next `wsss run` or `wsss label`, with a JSON report beside it.
+walk's beta, length and background and the CRF's strength (`calibrate.trials` random trials,
+each one walk + CRF over the images, scored by the final masks' mIoU). The chosen values are kept
+only where they beat the configured ones, and the whole configuration with them is written as
+YAML (default `<run>/calibrated.yaml`) for the next `wsss run` or `wsss label`, with a JSON
+report beside it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pipelines.runtime import connect
 from pipelines.train import kept_seeds
 from wsss.calibration import CalibrationImage, best_cam_background, refinement_miou
 from wsss.cam import BackgroundParams, image_cams
+from wsss.crf import CrfParams
 from wsss.imageio import decode_image, decode_mask
 from wsss.random_walk import RandomWalkParams
 
@@ -40,6 +42,15 @@ SEARCH_SPACE = {
     "logt": tune.randint(1, 9),
     "background": tune.choice(["otsu", 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]),
 }
+# With the CRF among the refiners, also how strongly it smooths: a factor on its pairwise
+# weights, 0 leaving the walk's scores as they are. On the synthetic shapes the CRF adds some
+# 20 points; on the CCP photos it erases the small garments the walk found (docs/benchmarks.md).
+CRF_SEARCH_SPACE = {"crf": tune.choice([0.0, 0.5, 1.0])}
+
+
+def search_space(cfg: RunConfig) -> dict[str, Any]:
+    """What Ray Tune draws each trial's settings from, for the refiners of `cfg`."""
+    return SEARCH_SPACE | (CRF_SEARCH_SPACE if "crf" in cfg.refiners else {})
 
 
 def walk_params(base: RandomWalkParams, trial: dict[str, Any]) -> RandomWalkParams:
@@ -53,6 +64,27 @@ def walk_params(base: RandomWalkParams, trial: dict[str, Any]) -> RandomWalkPara
     return base.model_copy(
         update={"beta": float(trial["beta"]), "logt": int(trial["logt"]), "background": background}
     )
+
+
+def crf_params(base: CrfParams, trial: dict[str, Any]) -> CrfParams:
+    """`base` with its pairwise weights scaled by a trial's `crf` factor; at 0 no mean-field
+    step runs and the CRF passes its input's scores through."""
+    factor = float(trial["crf"])
+    return base.model_copy(
+        update={
+            "gaussian_compat": base.gaussian_compat * factor,
+            "bilateral_compat": base.bilateral_compat * factor,
+            "iterations": base.iterations if factor > 0 else 0,
+        }
+    )
+
+
+def trial_config(cfg: RunConfig, trial: dict[str, Any]) -> RunConfig:
+    """`cfg` with a trial's settings: the walk's, and the CRF's when the trial has them."""
+    update: dict[str, Any] = {"random_walk": walk_params(cfg.random_walk, trial)}
+    if "crf" in trial:
+        update["crf"] = crf_params(cfg.crf, trial)
+    return cfg.model_copy(update=update)
 
 
 def calibration_images(
@@ -90,8 +122,7 @@ def calibration_images(
 
 
 def _trial(config: dict, images, n_classes: int, networks: dict[str, nn.Module], cfg: RunConfig):
-    trial_cfg = cfg.model_copy(update={"random_walk": walk_params(cfg.random_walk, config)})
-    tune.report(refinement_miou(images, n_classes, trial_cfg.labeler(networks)))
+    tune.report(refinement_miou(images, n_classes, trial_config(cfg, config).labeler(networks)))
 
 
 def calibrate(
@@ -124,7 +155,7 @@ def calibrate(
                 ),
                 {"cpu": 1},
             ),
-            param_space=SEARCH_SPACE,
+            param_space=search_space(cfg),
             tune_config=tune.TuneConfig(
                 metric="final",
                 mode="max",
@@ -142,14 +173,10 @@ def calibrate(
     if not trials:
         raise RuntimeError("every calibration trial failed; see the log file")
     best = max(trials, key=lambda t: t["final"])
-    walk = cfg.random_walk
-    if best["final"] > before["final"]:
-        walk = walk_params(cfg.random_walk, best)
-    calibrated = cfg.model_copy(
-        update={
-            "cam": cfg.cam.model_copy(update={"background": cam_background}),
-            "random_walk": walk,
-        }
+    refined = trial_config(cfg, best) if best["final"] > before["final"] else cfg
+    walk = refined.random_walk
+    calibrated = refined.model_copy(
+        update={"cam": cfg.cam.model_copy(update={"background": cam_background})}
     )
     out = cfg.layout.calibrated
     storage.write_bytes(out, calibrated.to_yaml().encode(), cfg.storage)
@@ -169,6 +196,7 @@ def calibrate(
             "chosen": walk.model_dump(),
             "chosen_final_miou": after,
         },
+        "crf": {"configured": cfg.crf.model_dump(), "chosen": calibrated.crf.model_dump()},
         "trials": sorted(trials, key=lambda t: -t["final"]),
     }
     report_uri = storage.join(storage.parent(out), REPORT_FILE)
@@ -183,6 +211,17 @@ def calibrate(
         f"background {_describe(walk.background)} (final mIoU {_percent(before['final'])} -> "
         f"{_percent(after)})"
     )
+    if "crf" in cfg.refiners:
+        log(
+            f"CRF pairwise weights: smoothness {cfg.crf.gaussian_compat:g}, appearance "
+            f"{cfg.crf.bilateral_compat:g} -> {calibrated.crf.gaussian_compat:g}, "
+            f"{calibrated.crf.bilateral_compat:g}"
+            + (
+                " (the CRF passes the walk's scores through)"
+                if not calibrated.crf.iterations
+                else ""
+            )
+        )
     log(f"calibrated configuration: {out} (report {report_uri}); use it with --config")
     return report
 

@@ -25,6 +25,19 @@ def test_walk_params_take_a_trials_settings():
     assert constant.background.alpha == base.background.alpha  # the rest is kept
 
 
+def test_a_trial_scales_the_crfs_pairwise_weights_and_at_zero_runs_no_step():
+    cfg = load_config(overrides=["crf.bilateral_compat=8", "crf.iterations=6"])
+    trial = {"beta": 4, "logt": 2, "background": "otsu"}
+    half = calibrate.trial_config(cfg, trial | {"crf": 0.5}).crf
+    assert (half.gaussian_compat, half.bilateral_compat, half.iterations) == (1.5, 4.0, 6)
+    off = calibrate.trial_config(cfg, trial | {"crf": 0.0}).crf
+    assert (off.bilateral_compat, off.iterations) == (0.0, 0)
+    assert off.bilateral_srgb == cfg.crf.bilateral_srgb  # the rest is kept
+    assert calibrate.trial_config(cfg, trial).crf == cfg.crf  # no CRF among the refiners' draws
+    assert "crf" in calibrate.search_space(cfg)
+    assert "crf" not in calibrate.search_space(load_config(overrides=["refiners=[random_walk]"]))
+
+
 @pytest.mark.slow
 def test_calibration_writes_settings_that_score_what_it_reports(ray_cluster, tmp_path):
     params = SyntheticParams(n_classes=3, min_side=48, max_side=64, max_objects=2)
@@ -59,6 +72,7 @@ def test_calibration_writes_settings_that_score_what_it_reports(ray_cluster, tmp
     # the reported mIoU.
     calibrated = load_config(report["config"])
     assert calibrated.random_walk.model_dump() == walk["chosen"]
+    assert calibrated.crf.model_dump() == report["crf"]["chosen"]
     assert calibrated.cam.background.model_dump() == report["cam"]["chosen"]
     images, n_classes = calibrate.calibration_images(calibrated, networks)
     again = refinement_miou(images, n_classes, calibrated.labeler(networks))

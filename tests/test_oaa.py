@@ -9,7 +9,6 @@ import io
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 import torch.nn.functional as F
 from conftest import shard_rows, synthetic_with_unreadable, tiny_networks, upload_dataset
@@ -23,6 +22,7 @@ from pipelines.model_record import load_network
 from pipelines.train import affinity as train_affinity
 from pipelines.train import classifier as classifier_job
 from pipelines.train import kept_seeds as ray_kept_seeds
+from pipelines.train.job import SkippedRows, image_dataset
 from wsss import kept_seeds
 from wsss.affinity import affinity_label_map
 from wsss.cam import CamParams, compute_cams, image_cams
@@ -245,7 +245,7 @@ def test_ray_train_accumulates_across_workers_and_resumption_and_the_label_jobs_
         "ray.train_workers=2",
         "cam.scales=[1.0]",
         "classifier.model.method={name: oaa, grid: 8, from_epoch: 0, predicted_only: false}",
-        *tiny_networks(),
+        *tiny_networks(nets=("classifier",)),
         "refiners=[crf]",
         "crf.iterations=2",
         "label.keep_stages=true",
@@ -275,7 +275,8 @@ def test_ray_train_accumulates_across_workers_and_resumption_and_the_label_jobs_
     assert all(
         storage.read_bytes(storage.join(root, n), cfg.storage) == b for n, b in before.items()
     )
-    merged = _merged(cfg, resumed.kept_seeds_uri)
+    merged_uri = resumed.kept_seeds_uri
+    merged = _merged(cfg, merged_uri)
     assert set(merged) == set(readable)
     # A driver-side job (calibration) reads a few images' maps alone.
     few = ray_kept_seeds.read(resumed.kept_seeds_uri, [*readable[:2], "unknown"], cfg.storage)
@@ -306,17 +307,12 @@ def test_ray_train_accumulates_across_workers_and_resumption_and_the_label_jobs_
     assert from_cams < len(readable)  # the kept maps, not the CAMs
 
     # AffinityNet's labels come from the same kept maps: the join, then the labeling actor.
-    affinity = train_affinity.run(longer, log=lambda _: None)
-    assert affinity.metrics["samples"] == len(readable)
-    joined = ray_kept_seeds.join(
-        ray.data.from_items([{"image_id": i} for i in readable[:3]]),
-        resumed.kept_seeds_uri,
-        longer.storage,
-        2,
-    ).take_all()
-    assert {r["image_id"]: kept_seeds.decode(r[ray_kept_seeds.SEEDS]).keys() for r in joined} == {
-        i: merged[i].keys() for i in readable[:3]
-    }
+    # Its images' rows, as the AffinityNet job streams them (`image_dataset` with the merged
+    # file), carry the kept maps; the unreadable ones are skipped before.
+    streamed = image_dataset(load_manifest(longer), longer, SkippedRows.remote(), merged_uri)
+    carried = {r["image_id"]: r[ray_kept_seeds.SEEDS] for r in streamed.take_all()}
+    assert carried.keys() == set(readable)
+    assert all(kept_seeds.decode(carried[i]).keys() == merged[i].keys() for i in readable)
     actor = train_affinity.AffinityLabeler(resumed, longer)
     for image_id in readable[:3]:
         image = read_image(manifest.parent / "images" / f"{image_id}.png")
