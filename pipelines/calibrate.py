@@ -45,7 +45,7 @@ SEARCH_SPACE = {
 # With the CRF among the refiners, also how strongly it smooths: a factor on its pairwise
 # weights, 0 leaving the walk's scores as they are. On the synthetic shapes the CRF adds some
 # 20 points; on the CCP photos it erases the small garments the walk found (docs/benchmarks.md).
-CRF_SEARCH_SPACE = {"crf": tune.choice([0.0, 0.5, 1.0])}
+CRF_SEARCH_SPACE = {"crf_weight": tune.choice([0.0, 0.5, 1.0])}
 
 
 def search_space(cfg: RunConfig) -> dict[str, Any]:
@@ -67,9 +67,10 @@ def walk_params(base: RandomWalkParams, trial: dict[str, Any]) -> RandomWalkPara
 
 
 def crf_params(base: CrfParams, trial: dict[str, Any]) -> CrfParams:
-    """`base` with its pairwise weights scaled by a trial's `crf` factor; at 0 no mean-field
-    step runs and the CRF passes its input's scores through."""
-    factor = float(trial["crf"])
+    """`base` with its pairwise weights scaled by a trial's `crf_weight`; at 0 no mean-field
+    step runs and the CRF passes its input's scores through. (Not "crf": a trial's result
+    holds each refiner's mIoU under its name.)"""
+    factor = float(trial["crf_weight"])
     return base.model_copy(
         update={
             "gaussian_compat": base.gaussian_compat * factor,
@@ -82,7 +83,7 @@ def crf_params(base: CrfParams, trial: dict[str, Any]) -> CrfParams:
 def trial_config(cfg: RunConfig, trial: dict[str, Any]) -> RunConfig:
     """`cfg` with a trial's settings: the walk's, and the CRF's when the trial has them."""
     update: dict[str, Any] = {"random_walk": walk_params(cfg.random_walk, trial)}
-    if "crf" in trial:
+    if "crf_weight" in trial:
         update["crf"] = crf_params(cfg.crf, trial)
     return cfg.model_copy(update=update)
 

@@ -28,14 +28,15 @@ def test_walk_params_take_a_trials_settings():
 def test_a_trial_scales_the_crfs_pairwise_weights_and_at_zero_runs_no_step():
     cfg = load_config(overrides=["crf.bilateral_compat=8", "crf.iterations=6"])
     trial = {"beta": 4, "logt": 2, "background": "otsu"}
-    half = calibrate.trial_config(cfg, trial | {"crf": 0.5}).crf
+    half = calibrate.trial_config(cfg, trial | {"crf_weight": 0.5}).crf
     assert (half.gaussian_compat, half.bilateral_compat, half.iterations) == (1.5, 4.0, 6)
-    off = calibrate.trial_config(cfg, trial | {"crf": 0.0}).crf
+    off = calibrate.trial_config(cfg, trial | {"crf_weight": 0.0}).crf
     assert (off.bilateral_compat, off.iterations) == (0.0, 0)
     assert off.bilateral_srgb == cfg.crf.bilateral_srgb  # the rest is kept
     assert calibrate.trial_config(cfg, trial).crf == cfg.crf  # no CRF among the refiners' draws
-    assert "crf" in calibrate.search_space(cfg)
-    assert "crf" not in calibrate.search_space(load_config(overrides=["refiners=[random_walk]"]))
+    assert "crf_weight" in calibrate.search_space(cfg)
+    without = calibrate.search_space(load_config(overrides=["refiners=[random_walk]"]))
+    assert "crf_weight" not in without
 
 
 @pytest.mark.slow
