@@ -186,3 +186,43 @@ def test_read_only_image_is_accepted():
     probs = np.full((2, 8, 10), 0.5, np.float32)
     out = dense_crf(image, probs, CrfParams(iterations=2))
     assert out.shape == (2, 8, 10)
+
+
+def test_a_class_the_crf_removes_keeps_its_input_scores_and_a_shrunk_one_does_not():
+    before = np.zeros((4, 6, 6), np.float32)
+    before[0] = 0.5
+    before[1, :, :3] = 0.9  # class 1: the left half
+    before[2, 0, 5] = 0.8  # class 2: one pixel
+    before[3, 5, 5] = 0.7  # class 3: one pixel
+    after = np.zeros_like(before)
+    after[0] = 1.0  # the CRF leaves background everywhere but ...
+    after[0, :, :2], after[1, :, :2] = 0.0, 1.0  # ... class 1 shrunk to two columns
+    after[0, 5, 5], after[3, 5, 5] = 0.0, 1.0  # ... and class 3 where it was
+    kept = wsss.crf.keep_removed_classes(before, after)
+    # Class 2 was removed: its pixel takes its input scores back; nothing else changes.
+    np.testing.assert_array_equal(kept[:, 0, 5], before[:, 0, 5])
+    changed = np.zeros((6, 6), bool)
+    changed[0, 5] = True
+    np.testing.assert_array_equal(kept[:, ~changed], after[:, ~changed])
+    assert kept.argmax(axis=0)[0, 5] == 2 and (kept.argmax(axis=0)[:, :3] == 1).sum() == 12
+
+
+def test_the_crf_refiner_does_not_remove_a_labelled_class_unless_told():
+    from wsss.refiners import Scores, build_refiners
+    from wsss.refiners.crf import CrfRefinerParams
+
+    image = two_colour_image()
+    probs = ramp_probs(EDGE)
+    # A small, weak third class inside the red half: the smoothing takes it over.
+    small = np.zeros((1, HEIGHT, WIDTH), np.float32)
+    small[0, 20:24, 10:14] = 0.6
+    probs = np.concatenate([probs * (1 - small), small])
+    scores = Scores((0, 1, 2), probs, probabilities=True)
+    removed = dense_crf(image, probs, CrfParams()).argmax(axis=0)
+    assert not (removed == 2).any()  # the plain CRF removes it
+    (off,) = build_refiners([("crf", CrfRefinerParams(keep_classes=False))])
+    assert not (off.refine(image, scores).mask(image.shape[:2]) == 2).any()
+    (kept,) = build_refiners([("crf", CrfRefinerParams())])
+    mask = kept.refine(image, scores).mask(image.shape[:2])
+    np.testing.assert_array_equal(mask == 2, probs.argmax(axis=0) == 2)
+    assert split_iou(np.where(mask == 2, 0, mask)) > 0.95  # the rest is the CRF's

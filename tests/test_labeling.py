@@ -12,6 +12,7 @@ from wsss.params import Params
 from wsss.pseudo_label import PseudoLabelParams
 from wsss.random_walk import RandomWalkParams
 from wsss.refiners import REFINERS, Refiner, Scores, build_refiners, networks_needed
+from wsss.refiners.crf import CrfRefinerParams
 from wsss.refiners.random_walk import grid_scores
 
 RESNET18 = BackboneParams(name="resnet18")
@@ -26,7 +27,7 @@ def models():
 
 
 WALK = RandomWalkParams(logt=3)
-CRF = CrfParams(iterations=3)
+CRF = CrfRefinerParams(iterations=3)
 
 
 def labeler(networks, walk=WALK, crf=CRF):
@@ -60,7 +61,7 @@ def test_registry_knows_the_members_and_their_networks():
     assert networks_needed(["crf"]) == []
     with pytest.raises(ValueError, match="unknown refiner.*'nope'"):
         build_refiners([("nope", CrfParams())])
-    with pytest.raises(TypeError, match="crf takes CrfParams"):
+    with pytest.raises(TypeError, match="crf takes CrfRefinerParams"):
         build_refiners([("crf", RandomWalkParams())])
 
 
@@ -88,7 +89,7 @@ def test_seed_then_finish_shapes_and_channel_mapping(models):
 
 def test_walk_with_given_cams_skips_the_classifier(models):
     method = labeler(
-        {"affinity": models["affinity"]}, RandomWalkParams(logt=2), CrfParams(iterations=0)
+        {"affinity": models["affinity"]}, RandomWalkParams(logt=2), CrfRefinerParams(iterations=0)
     )
     image = np.full((24, 24, 3), 128, np.uint8)
     cams = np.zeros((4, 24, 24), np.float32)
@@ -119,7 +120,7 @@ def test_walk_background_methods_and_background_only_images(models, method):
     cams = np.zeros((4, 24, 24), np.float32)
     cams[0, :, 16:] = 1.0
     params = RandomWalkParams(logt=2, background=BackgroundParams(method=method, threshold=0.25))
-    labels = labeler(models, params, CrfParams())
+    labels = labeler(models, params, CrfRefinerParams())
     walked = labels.seed(image, [1], cams_fg=cams).scores
     assert walked.values.shape == (2, 3, 3) and walked.stride == 8
     if method == "threshold":

@@ -1,21 +1,37 @@
 """The dense CRF as a refiner (PSA): the scores, as probabilities, sharpened along the image's
-colour edges (`wsss.crf.dense_crf`) at full resolution."""
+colour edges (`wsss.crf.dense_crf`) at full resolution, without removing a class its input had
+(`wsss.crf.keep_removed_classes`, unless crf.keep_classes is off)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+from pydantic import Field
 
-from wsss.crf import CrfParams, dense_crf
+from wsss.crf import CrfParams, dense_crf, keep_removed_classes
 from wsss.refiners.base import Refiner, Scores, register
+
+
+class CrfRefinerParams(CrfParams):
+    """The CRF's settings (PSA's), and whether it may remove a class its input had."""
+
+    keep_classes: bool = Field(
+        True,
+        description="where the CRF removed a foreground class that its input had (best at no "
+        "pixel after, best at some before), those pixels keep their input scores "
+        "(`wsss.crf.keep_removed_classes`)",
+    )
 
 
 @register
 class DenseCrf(Refiner):
     name = "crf"
-    params_type = CrfParams
+    params_type = CrfRefinerParams
 
     def refine(self, image: np.ndarray, scores: Scores, prepared: Any = None) -> Scores:
         probs = scores.full_probabilities(image.shape[:2])
-        return Scores(scores.channels, dense_crf(image, probs, self.params), probabilities=True)
+        refined = dense_crf(image, probs, self.params)
+        if self.params.keep_classes:
+            refined = keep_removed_classes(probs, refined)
+        return Scores(scores.channels, refined, probabilities=True)
