@@ -17,9 +17,8 @@ import numpy as np
 
 from pipelines.config import RunConfig
 from pipelines.inputs import load_manifest, resolve_weights
-from pipelines.model_record import ModelRecord, write_record
+from pipelines.model_record import ModelRecord
 from pipelines.runtime import connect
-from pipelines.train import kept_seeds
 from pipelines.train.job import check_cluster, image_dataset, new_job, run_training
 from wsss.cam_methods import CamMethodParams
 from wsss.classifier import Classifier, classifier_step_loss
@@ -60,7 +59,6 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
     manifest = load_manifest(cfg)
     n_classes = manifest.num_foreground
     build_model = partial(initial_classifier, n_classes, cfg)
-    seeds = cfg.layout.kept_seeds("classifier")
     job = new_job(
         "classifier",
         cfg,
@@ -69,7 +67,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
         cfg.classifier,
         build_model,
         classifier_step_loss,
-        seeds_uri=seeds,
+        seeds_uri=cfg.layout.kept_seeds("classifier"),
     )
     dataset = image_dataset(manifest, cfg, job.skipped).map_batches(
         classification_examples,
@@ -81,10 +79,4 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> ModelRecord:
         batch_size=cfg.ray.rows_per_block,
         batch_format="numpy",
     )
-    record = run_training(job, dataset, log)
-    merged = kept_seeds.merge_files(seeds, [r.image_id for r in manifest.rows], cfg.storage, log)
-    if merged is None:
-        return record
-    record = record.model_copy(update={"kept_seeds_uri": merged})
-    write_record(record, cfg.layout.record("classifier"), cfg)
-    return record
+    return run_training(job, dataset, log, [r.image_id for r in manifest.rows])

@@ -19,7 +19,7 @@ import math
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -295,12 +295,16 @@ def new_job(
 
 
 def run_training(
-    job: TrainJob, dataset: ray.data.Dataset, log: Callable[[str], None] = print
+    job: TrainJob,
+    dataset: ray.data.Dataset,
+    log: Callable[[str], None] = print,
+    image_ids: Sequence[str] = (),
 ) -> ModelRecord:
     """Train `job` on `dataset` (rows of training examples) with a TorchTrainer, then write
     and return the model record. Resumes from the run's last checkpoint when there is one.
     Checkpoints go under the run's `output`: on a cluster of several nodes that must be s3://
-    (or a folder every node shares)."""
+    (or a folder every node shares). With `job.seeds_uri`, the seeds kept in training are
+    merged first and named in the record; `image_ids` are the training manifest's, by row."""
     cfg = job.cfg
     if job.steps_per_epoch < 1:
         needs = f"a batch of {job.batch_per_worker}" if job.drop_last else "at least one"
@@ -352,6 +356,9 @@ def run_training(
         metrics=meta["metrics"],
         skipped_examples=skipped_examples,
         created_at=meta["created_at"],
+        kept_seeds_uri=None
+        if job.seeds_uri is None
+        else kept_seeds.merge_files(job.seeds_uri, image_ids, cfg.storage, log),
     )
     uri = cfg.layout.record(job.stage)
     write_record(record, uri, cfg)
