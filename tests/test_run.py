@@ -45,6 +45,14 @@ def test_the_stages_follow_the_networks_and_refiners_of_the_method():
     assert "segmentation.optim" in unary and "segmentation" not in unary
     assert not any(section.startswith("iterate") for section in rounds["label"])
     assert "iterate.rounds" not in rounds["round-1/label"]
+    # No stage reads an evaluation: another gallery runs the evaluations again, nothing else.
+    planned = stages(load_config(overrides=["iterate.rounds=2"]))
+    assert not any(name.endswith("evaluate") for stage in planned for name in stage.inputs)
+    assert [stage.name for stage in planned if "evaluate" in stage.sections] == [
+        "evaluate",
+        "round-1/evaluate",
+        "round-2/evaluate",
+    ]
 
 
 def test_a_round_is_a_run_of_its_own_inside_the_run_trained_on_the_last_rounds_masks():
@@ -149,12 +157,63 @@ def overrides(ray_cluster, s3_endpoint, tmp_path_factory) -> list[str]:
     return settings
 
 
+@pytest.fixture(scope="module")
+def first_run(overrides) -> dict[str, str]:
+    """The method's run, once for the module: its networks serve each test below."""
+    return run(load_config(overrides=overrides), log=lambda _: None)
+
+
 @pytest.mark.slow
-def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp_path):
+def test_an_iterate_round_writes_its_own_shard_set_and_a_second_run_skips_it(overrides, first_run):
+    # The rounds added to the method's run: its networks are kept, the rounds train their own.
+    settings = [
+        *overrides,
+        "iterate.rounds=1",
+        "iterate.train_on=random_walk",
+        "iterate.confident=0.6",
+        *tiny_networks(crop=48, longest=56, nets=("segmentation",)),
+    ]
+    cfg = load_config(overrides=settings)
+    quiet = {"log": lambda _: None}
+    round_stages = ["train-segmentation", "train-affinity", "label", "evaluate"]
+    outcome = run(cfg, **quiet)
+    assert outcome["train-classifier"] == outcome["train-affinity"] == "skipped"
+    assert outcome["label"] == "skipped"  # this test runs first: the next one relabels
+    assert [outcome[f"round-1/{stage}"] for stage in round_stages] == ["done"] * 4
+    first = round_config(cfg, 1)
+
+    def read(uri: str) -> dict:
+        return json.loads(storage.read_bytes(uri, cfg.storage))
+
+    # The round's own networks, its segmentation network trained on the run's walk masks.
+    unary = read(first.layout.record("segmentation"))
+    assert unary["checkpoint_uri"].startswith(storage.join(first.run_uri, "train"))
+    affinity = read(first.layout.record("affinity"))
+    assert affinity["weights_sha256"] != read(cfg.layout.record("affinity"))["weights_sha256"]
+    # Its own shard set, labelled by the unary refined by the walk and the CRF; the run's
+    # shards stay the method's.
+    labelled = read(storage.join(first.layout.labels, "label_summary.json"))
+    assert labelled["method_stages"] == ["segmentation", "random_walk", "crf"]
+    assert labelled["labelled"] + labelled["errors"] == 8
+    method = read(storage.join(cfg.layout.labels, "label_summary.json"))
+    assert method["method_stages"] == ["cam", "random_walk", "crf"]
+    assert labelled["model_version"] != method["model_version"]
+    # Every round's mIoU per stage, in the run's folder.
+    report = read(storage.join(cfg.run_uri, "rounds.json"))
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert set(report["rounds"][0]["miou"]) == {"cam", "random_walk", "crf"}
+    assert set(report["rounds"][1]["miou"]) == {"segmentation", "random_walk", "crf"}
+    assert report["rounds"][1]["labels"] == first.layout.labels != cfg.layout.labels
+
+    # A second run finds every stage done, the round's too.
+    assert set(run(cfg, **quiet).values()) == {"skipped"}
+
+
+@pytest.mark.slow
+def test_run_does_every_stage_once_and_redoes_what_changed(overrides, first_run, capfd, tmp_path):
     cfg = load_config(overrides=overrides)
     quiet = {"log": lambda _: None}
-    first = run(cfg, **quiet)
-    assert first == dict.fromkeys(
+    assert first_run == dict.fromkeys(
         ["train-classifier", "train-affinity", "label", "evaluate"], "done"
     )
     result = json.loads(
@@ -209,56 +268,3 @@ def test_run_does_every_stage_once_and_redoes_what_changed(overrides, capfd, tmp
         ConfigError, match="trained its classifier with other settings .*classifier"
     ):
         run(lr, **quiet)
-
-
-@pytest.mark.slow
-def test_an_iterate_round_writes_its_own_shard_set_and_a_second_run_skips_it(overrides):
-    settings = [
-        *overrides,
-        "name=iterate",
-        "iterate.rounds=1",
-        "iterate.train_on=random_walk",
-        "iterate.confident=0.6",
-        *tiny_networks(crop=48, longest=56, nets=("segmentation",)),
-    ]
-    cfg = load_config(overrides=settings)
-    quiet = {"log": lambda _: None}
-    round_stages = ["train-segmentation", "train-affinity", "label", "evaluate"]
-    assert run(cfg, **quiet) == dict.fromkeys(
-        ["train-classifier", "train-affinity", "label", "evaluate"]
-        + [f"round-1/{stage}" for stage in round_stages],
-        "done",
-    )
-    first = round_config(cfg, 1)
-
-    def read(uri: str) -> dict:
-        return json.loads(storage.read_bytes(uri, cfg.storage))
-
-    # The round's own networks, its segmentation network trained on the run's walk masks.
-    unary = read(first.layout.record("segmentation"))
-    assert unary["checkpoint_uri"].startswith(storage.join(first.run_uri, "train"))
-    affinity = read(first.layout.record("affinity"))
-    assert affinity["weights_sha256"] != read(cfg.layout.record("affinity"))["weights_sha256"]
-    # Its own shard set, labelled by the unary refined by the walk and the CRF; the run's
-    # shards stay the method's.
-    labelled = read(storage.join(first.layout.labels, "label_summary.json"))
-    assert labelled["method_stages"] == ["segmentation", "random_walk", "crf"]
-    assert labelled["labelled"] + labelled["errors"] == 8
-    method = read(storage.join(cfg.layout.labels, "label_summary.json"))
-    assert method["method_stages"] == ["cam", "random_walk", "crf"]
-    assert labelled["model_version"] != method["model_version"]
-    # Every round's mIoU per stage, in the run's folder.
-    report = read(storage.join(cfg.run_uri, "rounds.json"))
-    assert [r["round"] for r in report["rounds"]] == [0, 1]
-    assert set(report["rounds"][0]["miou"]) == {"cam", "random_walk", "crf"}
-    assert set(report["rounds"][1]["miou"]) == {"segmentation", "random_walk", "crf"}
-    assert report["rounds"][1]["labels"] == first.layout.labels != cfg.layout.labels
-
-    # A second run finds every stage done, the round's too.
-    assert set(run(cfg, **quiet).values()) == {"skipped"}
-    # Another gallery: only the evaluations run again; the rounds read no evaluation.
-    gallery = load_config(overrides=[*settings, "evaluate.gallery_images=1"])
-    assert [name for name, what in run(gallery, **quiet).items() if what != "skipped"] == [
-        "evaluate",
-        "round-1/evaluate",
-    ]
