@@ -226,3 +226,29 @@ def test_the_crf_refiner_does_not_remove_a_labelled_class_unless_told():
     mask = kept.refine(image, scores).mask(image.shape[:2])
     np.testing.assert_array_equal(mask == 2, probs.argmax(axis=0) == 2)
     assert split_iou(np.where(mask == 2, 0, mask)) > 0.95  # the rest is the CRF's
+
+
+def test_the_crf_refiner_divides_its_pairwise_weights_by_the_image_classes():
+    from wsss.refiners import Scores, build_refiners
+    from wsss.refiners.crf import CrfRefinerParams
+
+    image = two_colour_image()
+    probs = ramp_probs(EDGE + 6.5)
+    (divided,) = build_refiners([("crf", CrfRefinerParams(keep_classes=False))])
+    # One class: PSA's weights.
+    one = divided.refine(image, Scores((0, 1), probs, probabilities=True)).values
+    np.testing.assert_allclose(one, dense_crf(image, probs, CrfParams()), atol=1e-6)
+    # Three classes (two of them with no score here): a third of each weight.
+    three = np.concatenate([probs, np.zeros((2, HEIGHT, WIDTH), np.float32)])
+    refined = divided.refine(image, Scores((0, 1, 4, 7), three, probabilities=True)).values
+    third = CrfParams(gaussian_compat=1.0, bilateral_compat=10 / 3)
+    np.testing.assert_allclose(refined, dense_crf(image, three, third), atol=1e-6)
+    assert not np.allclose(refined, dense_crf(image, three, CrfParams()), atol=1e-3)
+    # Off: the same weights for every image.
+    (same,) = build_refiners(
+        [("crf", CrfRefinerParams(keep_classes=False, divide_by_classes=False))]
+    )
+    plain = same.refine(image, Scores((0, 1, 4, 7), three, probabilities=True)).values
+    np.testing.assert_allclose(plain, dense_crf(image, three, CrfParams()), atol=1e-6)
+    with pytest.raises(ValueError, match="n_classes"):
+        wsss.crf.pairwise_per_class(CrfParams(), 0)

@@ -85,6 +85,25 @@ def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> np.nda
     return marginals.reshape(n_labels, height, width)
 
 
+def pairwise_per_class(params: CrfParams, n_classes: int) -> CrfParams:
+    """`params` with both pairwise weights divided by `n_classes`, the number of foreground
+    classes an image is labelled with: PSA's weights, set for images of one class or two, at
+    full strength on an image of one class. Where an image's classes share one region (six
+    garments on one person) each class's part is small next to the smoothing kernels, and at
+    full strength the CRF erases the small ones or gives them to the background. Measured on
+    the same networks' walk: CCP's photos (3-8 labels) 17.5 -> 18.4, the synthetic set (1-3
+    labels) 66.7 -> 66.9; a constant weight served neither (0.25: 17.0 and 65.9; 0.5: 17.6 and
+    66.6; docs/benchmarks.md)."""
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    return params.model_copy(
+        update={
+            "gaussian_compat": params.gaussian_compat / n_classes,
+            "bilateral_compat": params.bilateral_compat / n_classes,
+        }
+    )
+
+
 def keep_removed_classes(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     """Marginals `after` (C, H, W) of a CRF on `before` (C, H, W), channel 0 the background,
     with the scores of `before` given back to the pixels of each other channel that was best
