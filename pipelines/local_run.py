@@ -174,6 +174,9 @@ def run(
         timings[stage] = round(now - since, 2)
         return now
 
+    # The configuration first: an output that cannot be written fails before the training.
+    out_dir = cfg.layout.local
+    storage.write_bytes(storage.join(out_dir, "config.yaml"), cfg.to_yaml().encode(), cfg.storage)
     manifest = load_manifest(cfg)
     examples = load_examples(cfg, manifest)
     evaluated = sum(e.mask is not None for e in examples)
@@ -244,8 +247,6 @@ def run(
     }
     if compared:
         summary["compared"] = compared
-    out_dir = cfg.layout.local
-    storage.write_bytes(storage.join(out_dir, "config.yaml"), cfg.to_yaml().encode(), cfg.storage)
     storage.write_bytes(
         storage.join(out_dir, "summary.json"), json.dumps(summary, indent=2).encode(), cfg.storage
     )

@@ -80,3 +80,17 @@ def test_refinement_beats_the_cams_with_the_pretrained_backbone(tmp_path):
     assert final >= summary["cam_best_miou"] + REFINE_MARGIN
     # The synthetic classes are each in a minority of images: none is flagged.
     assert not any(row["flagged"] for row in summary["class_report"])
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_training(tmp_path, monkeypatch):
+    manifest = synthetic.generate(tmp_path / "data", 2, seed=3)
+    blocker = tmp_path / "a-file"  # the output folder would have to be made inside a file
+    blocker.write_text("")
+    cfg = load_config(overrides=[f"dataset.manifest={manifest}", f"output={blocker}/runs"])
+
+    def trained(*args, **kwargs):
+        raise AssertionError("the classifier was trained")
+
+    monkeypatch.setattr(local_run, "fit_classifier", trained)
+    with pytest.raises(OSError):
+        local_run.run(cfg, log=lambda _: None)
